@@ -1,0 +1,554 @@
+"""KptLLM: a multimodal LLM for semantic keypoint comprehension (identify-then-detect).
+
+    query image ──► vision tower ──► F_q ──► projector ─────────────────────────► z_q at <image>
+    support image ─► vision tower ──► F_s ──┐
+    keypoint (x, y) ─► sine-cosine PE ─► MLP ─► F_p ─► CrossAttnLayers(F_p, F_s) ─► z_p at <kpt_prompt>
+    LLM([z_q, z_p, t]) ──► lm_head ──► the keypoint's name, then <keypoint>     ("identify")
+                      └──► last hidden state at <keypoint> ──► FFN ──► (x, y)    ("detect")
+
+Coordinates inside the model are normalized to [0, 1] in the resized crop of an instance's box.
+This file ships to the Hub as remote code: relative imports only.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from .configuration_kptllm import KptLlmConfig
+
+
+@dataclass
+class KptLlmOutput(ModelOutput):
+    """
+    loss: `lm_loss + keypoint_loss_weight * keypoint_loss` when labels are given.
+    lm_loss: next-token cross-entropy on the answer tokens (labels != -100).
+    keypoint_loss: L1 between predicted and target coordinates of visible keypoints.
+    logits: (B, L, V) next-token scores.
+    pred_keypoints: (B, 2) normalized (x, y) regressed at each row's `<keypoint>` token; NaN for rows
+        without one.
+    cache: the language model's key/value cache.
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    keypoint_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pred_keypoints: torch.FloatTensor | None = None
+    cache: Cache | None = None
+
+
+@dataclass
+class KptLlmDetectionOutput(ModelOutput):
+    """
+    sequences: (B, T) generated token ids (the answer: name, then `<keypoint>`), padded with the
+        pad token after a row finished.
+    pred_keypoints: (B, 2) normalized (x, y) in the query crop; NaN where no `<keypoint>` was emitted.
+    keypoint_found: (B,) whether the row emitted `<keypoint>`.
+    """
+
+    sequences: torch.LongTensor | None = None
+    pred_keypoints: torch.FloatTensor | None = None
+    keypoint_found: torch.BoolTensor | None = None
+
+
+def sine_cosine_embedding(coords: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Transformer-style sine-cosine embedding of normalized 2-D points: (..., 2) -> (..., dim)."""
+    if dim % 4:
+        raise ValueError(f"sine-cosine embedding needs a dimension divisible by 4, got {dim}")
+    num_freqs = dim // 4
+    freqs = temperature ** (-torch.arange(num_freqs, device=coords.device, dtype=torch.float32) / num_freqs)
+    angles = 2 * math.pi * coords.float().unsqueeze(-1) * freqs  # (..., 2, dim/4)
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (..., 2, dim/2)
+    return embedding.flatten(-2)  # (..., dim)
+
+
+def patch_centers(grid_size: int, device: torch.device) -> torch.Tensor:
+    """Normalized (x, y) centers of a square patch grid, row-major like ViT tokens: (grid², 2)."""
+    centers = (torch.arange(grid_size, device=device, dtype=torch.float32) + 0.5) / grid_size
+    ys, xs = torch.meshgrid(centers, centers, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+
+
+class KptLlmProjector(nn.Module):
+    """LLaVA-1.5's `linear -> GELU -> linear` (same parameter names, so its weights load), or linear."""
+
+    def __init__(self, config: KptLlmConfig, in_features: int):
+        super().__init__()
+        out_features = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(in_features, out_features)
+        if config.projector_type == "mlp2x_gelu":
+            self.act = ACT2FN[config.projector_hidden_act]
+            self.linear_2 = nn.Linear(out_features, out_features)
+        else:
+            self.act = self.linear_2 = None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear_1(features)
+        if self.linear_2 is not None:
+            hidden = self.linear_2(self.act(hidden))
+        return hidden
+
+
+class KptLlmPromptEncoder(nn.Module):
+    """Eq. 1: F_p = MLP(PE(x)), mapping a keypoint position into the vision feature space."""
+
+    def __init__(self, config: KptLlmConfig):
+        super().__init__()
+        dim = config.vision_config.hidden_size
+        self.embed_dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sine_cosine_embedding(coords, self.embed_dim).to(self.mlp[0].weight.dtype))
+
+
+class KptLlmAttention(nn.Module):
+    """Multi-head attention with separate q/k/v/o projections (plain Linears: LoRA-, ZeRO- and init-friendly)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        batch, q_len, dim = query.shape
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:  # (N, L, D) -> (N, H, L, D/H)
+            return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            split_heads(self.q_proj(query)), split_heads(self.k_proj(key)), split_heads(self.v_proj(value))
+        )  # (N, H, Lq, D/H)
+        return self.o_proj(attended.transpose(1, 2).reshape(batch, q_len, dim))
+
+
+class KptLlmCrossAttentionLayer(nn.Module):
+    """A pre-norm transformer decoder layer: self-attention over the prompts, cross-attention to F_s, FFN."""
+
+    def __init__(self, config: KptLlmConfig):
+        super().__init__()
+        dim = config.vision_config.hidden_size
+        heads = config.prompt_extractor_heads
+        self.self_attn_norm = nn.LayerNorm(dim)
+        self.self_attn = KptLlmAttention(dim, heads)
+        self.cross_attn_norm = nn.LayerNorm(dim)
+        self.cross_attn = KptLlmAttention(dim, heads)
+        self.mlp_norm = nn.LayerNorm(dim)
+        hidden = int(dim * config.prompt_extractor_mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(
+        self, prompts: torch.Tensor, prompt_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor
+    ) -> torch.Tensor:
+        # prompts, prompt_pos: (N, 1, D); memory: (N, h*w, D); memory_pos: (1, h*w, D)
+        normed = self.self_attn_norm(prompts)
+        prompts = prompts + self.self_attn(normed + prompt_pos, normed + prompt_pos, normed)
+        normed = self.cross_attn_norm(prompts)
+        prompts = prompts + self.cross_attn(normed + prompt_pos, memory + memory_pos, memory)
+        return prompts + self.mlp(self.mlp_norm(prompts))
+
+
+class KptLlmPromptFeatureExtractor(nn.Module):
+    """Eq. 2: z_p = CrossAttnLayers(F_p, F_s), with F_p as query and F_s (+ 2-D PE) as key/value."""
+
+    def __init__(self, config: KptLlmConfig):
+        super().__init__()
+        self.grid_size = config.patch_grid_size
+        self.layers = nn.ModuleList(KptLlmCrossAttentionLayer(config) for _ in range(config.prompt_extractor_layers))
+        self.norm = nn.LayerNorm(config.vision_config.hidden_size)
+
+    def forward(self, prompt_embeds: torch.Tensor, coords: torch.Tensor, support_features: torch.Tensor) -> torch.Tensor:
+        # prompt_embeds: (N, D); coords: (N, 2); support_features: (N, h*w, D) -> (N, D)
+        dim = prompt_embeds.shape[-1]
+        dtype = prompt_embeds.dtype
+        prompt_pos = sine_cosine_embedding(coords, dim).to(dtype).unsqueeze(1)  # (N, 1, D)
+        memory_pos = sine_cosine_embedding(patch_centers(self.grid_size, coords.device), dim).to(dtype)[None]
+        prompts = prompt_embeds.unsqueeze(1)  # (N, 1, D)
+        for layer in self.layers:
+            prompts = layer(prompts, prompt_pos, support_features, memory_pos)
+        return self.norm(prompts.squeeze(1))
+
+
+def average_pool_around(
+    support_features: torch.Tensor, coords: torch.Tensor, grid_size: int, radius: float
+) -> torch.Tensor:
+    """Table 6 baseline: tent-weighted mean of the support patches within `radius` patches of x.
+
+    support_features: (N, h*w, D), coords: (N, 2) -> (N, D).
+    """
+    centers = patch_centers(grid_size, coords.device)  # (h*w, 2)
+    offsets = (centers[None] - coords[:, None].float()).abs() * grid_size  # (N, h*w, 2), in patches
+    weights = (1 - offsets / radius).clamp(min=0).prod(-1)  # (N, h*w)
+    # the nearest patch always contributes, so a keypoint between patch centres never gets zero weight
+    nearest = offsets.pow(2).sum(-1).argmin(-1)  # (N,)
+    weights[torch.arange(len(coords), device=coords.device), nearest] += 1e-6
+    weights = weights / weights.sum(-1, keepdim=True)
+    return torch.einsum("np,npd->nd", weights.to(support_features.dtype), support_features)
+
+
+class KptLlmKeypointHead(nn.Module):
+    """Eq. 5: y = FFN(u_kpt), squashed to [0, 1] because targets are normalized crop coordinates."""
+
+    def __init__(self, config: KptLlmConfig):
+        super().__init__()
+        dim = config.text_config.hidden_size
+        hidden = config.keypoint_head_hidden_size or dim
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.mlp(hidden_states).sigmoid()
+
+
+class KptLlmPreTrainedModel(PreTrainedModel):
+    config_class = KptLlmConfig
+    config: KptLlmConfig
+    base_model_prefix = "kptllm"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["KptLlmCrossAttentionLayer"]
+
+
+class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
+    """Vision tower + prompt encoder + prompt feature extractor + causal LLM + keypoint head (paper §3).
+
+    Inputs beyond the usual `input_ids` / `attention_mask`:
+      pixel_values (N_q, 3, H, W): one query crop per `<image>` block, in order; a single crop is
+          shared by every sequence of the batch (one instance, K keypoint sequences).
+      support_pixel_values (N_s, 3, H, W), prompt_coords (P, S, 2), prompt_visible (P, S): S support
+          shots for each of the P prompts. Either N_s == S (the same shots serve every prompt) or
+          N_s == P * S (shot s of prompt p is image p * S + s). Invisible shots are left out of the mean.
+      labels (B, L): answer token ids, -100 elsewhere; keypoint_labels (B, 2), keypoint_visible (B,):
+          the target of each row's `<keypoint>` token.
+    """
+
+    def __init__(self, config: KptLlmConfig):
+        super().__init__(config)
+        self.loss_type = "ForCausalLM"
+        vision_dim = config.vision_config.hidden_size
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = KptLlmProjector(config, vision_dim)
+        if config.prompt_feature_extractor == "cross_attention":
+            self.prompt_encoder = KptLlmPromptEncoder(config)
+            self.prompt_feature_extractor = KptLlmPromptFeatureExtractor(config)
+        else:
+            self.prompt_encoder = self.prompt_feature_extractor = None
+        self.prompt_projector = KptLlmProjector(config, vision_dim)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.keypoint_head = KptLlmKeypointHead(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, h*w, D_v): the selected vision layer, CLS dropped under "default"."""
+        self._check_pixel_values(pixel_values, "pixel_values")
+        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+        features = outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        return features
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor, field: str) -> None:
+        expected = self.config.vision_config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, expected, expected):
+            raise ValueError(f"{field} must have shape (N, 3, {expected}, {expected}), got {tuple(pixel_values.shape)}")
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError(f"{field} contain NaN or infinity")
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Query tokens z_q: (N, 3, H, W) -> (N, h*w, D_llm)."""
+        return self.multi_modal_projector(self.get_vision_features(pixel_values))
+
+    def get_prompt_features(
+        self,
+        support_features: torch.Tensor,
+        prompt_coords: torch.Tensor,
+        prompt_visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prompt tokens z_p from support features (N_s, h*w, D_v) and coordinates (P, S, 2).
+
+        Returns (P, D_llm) under "mean" shot fusion and (P * S, D_llm) under "per_shot".
+        """
+        if prompt_coords.ndim != 3 or prompt_coords.shape[-1] != 2:
+            raise ValueError(f"prompt_coords must have shape (P, S, 2), got {tuple(prompt_coords.shape)}")
+        if not torch.isfinite(prompt_coords).all():
+            raise ValueError("prompt_coords contain NaN or infinity")
+        if ((prompt_coords < 0) | (prompt_coords > 1)).any():
+            raise ValueError("prompt_coords must be normalized to [0, 1] in the support crop")
+        num_prompts, num_shots, _ = prompt_coords.shape
+        num_support = support_features.shape[0]
+        if num_support == num_shots:  # the same shots serve every prompt
+            memory = support_features.unsqueeze(0).expand(num_prompts, -1, -1, -1)
+        elif num_support == num_prompts * num_shots:
+            memory = support_features.view(num_prompts, num_shots, *support_features.shape[1:])
+        else:
+            raise ValueError(
+                f"{num_support} support images do not fit prompt_coords of shape {tuple(prompt_coords.shape)}: "
+                f"expected {num_shots} (shared shots) or {num_prompts * num_shots} (one set per prompt)"
+            )
+        memory = memory.reshape(num_prompts * num_shots, *support_features.shape[1:])  # (P*S, h*w, D_v)
+        coords = prompt_coords.reshape(-1, 2).to(memory.device)  # (P*S, 2)
+        if self.prompt_feature_extractor is not None:
+            prompt_embeds = self.prompt_encoder(coords).to(memory.dtype)  # (P*S, D_v)
+            features = self.prompt_feature_extractor(prompt_embeds, coords, memory)
+        else:
+            features = average_pool_around(memory, coords, self.config.patch_grid_size, self.config.prompt_pool_radius)
+        features = self.prompt_projector(features).view(num_prompts, num_shots, -1)  # (P, S, D_llm)
+        if self.config.shot_fusion == "per_shot":
+            return features.flatten(0, 1)
+        if prompt_visible is None:
+            return features.mean(1)
+        weights = prompt_visible.to(features.device, features.dtype).view(num_prompts, num_shots, 1)
+        if (weights.sum(1) == 0).any():
+            raise ValueError("every prompt needs at least one visible support shot (prompt_visible is all 0)")
+        return (features * weights).sum(1) / weights.sum(1)
+
+    def _scatter_placeholders(
+        self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, features: torch.Tensor, name: str
+    ) -> torch.Tensor:
+        """Replace every `token_id` position by the next row of `features` (LLaVA's masked_scatter)."""
+        mask = input_ids == token_id
+        n_tokens, n_features = int(mask.sum()), features.shape[0]
+        if n_tokens != n_features:
+            raise ValueError(f"{name} features and {name} placeholder tokens do not match: tokens {n_tokens}, features {n_features}")
+        mask = mask.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
+
+    def embed_multimodal_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        support_pixel_values: torch.Tensor | None = None,
+        prompt_coords: torch.Tensor | None = None,
+        prompt_visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with `<image>` and `<kpt_prompt>` replaced by z_q and z_p: (B, L, D_llm)."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, D_llm)
+        if (support_pixel_values is None) != (prompt_coords is None):
+            raise ValueError("support_pixel_values and prompt_coords must be given together")
+        images = []
+        for field, pixels in (("pixel_values", pixel_values), ("support_pixel_values", support_pixel_values)):
+            if pixels is not None:
+                self._check_pixel_values(pixels, field)
+                images.append(pixels)
+        # one vision-tower call for query and support crops alike
+        vision_features = self.get_vision_features(torch.cat(images)) if images else None
+        num_query = 0 if pixel_values is None else pixel_values.shape[0]
+        if pixel_values is not None:
+            image_features = self.multi_modal_projector(vision_features[:num_query])  # (N_q, h*w, D_llm)
+            if num_query == 1:  # one crop shared by every sequence (one instance, K keypoints)
+                image_features = image_features.expand(input_ids.shape[0], -1, -1)
+            inputs_embeds = self._scatter_placeholders(
+                inputs_embeds, input_ids, self.config.image_token_id, image_features.flatten(0, 1), "Image"
+            )
+        if support_pixel_values is not None:
+            prompt_features = self.get_prompt_features(vision_features[num_query:], prompt_coords, prompt_visible)
+            inputs_embeds = self._scatter_placeholders(
+                inputs_embeds, input_ids, self.config.kpt_prompt_token_id, prompt_features, "Keypoint prompt"
+            )
+        elif (input_ids == self.config.kpt_prompt_token_id).any():
+            raise ValueError("input_ids contain <kpt_prompt> tokens but no support_pixel_values/prompt_coords")
+        if pixel_values is None and (input_ids == self.config.image_token_id).any():
+            raise ValueError("input_ids contain <image> tokens but no pixel_values")
+        return inputs_embeds
+
+    def predict_keypoints(self, input_ids: torch.LongTensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and (B, L, D) hidden states -> (B, 2) keypoints at each row's `<keypoint>` (NaN if none)."""
+        is_keypoint = input_ids == self.config.keypoint_token_id  # (B, L)
+        per_row = is_keypoint.sum(-1)
+        if (per_row > 1).any():
+            raise ValueError("each sequence may hold at most one <keypoint> token (one keypoint per sequence)")
+        rows, cols = is_keypoint.nonzero(as_tuple=True)
+        pred = hidden_states.new_full((input_ids.shape[0], 2), float("nan"))
+        pred[rows] = self.keypoint_head(hidden_states[rows, cols]).to(pred.dtype)
+        return pred
+
+    def keypoint_loss(
+        self,
+        pred_keypoints: torch.Tensor,
+        keypoint_labels: torch.Tensor,
+        keypoint_visible: torch.Tensor | None,
+        hidden_states: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean L1 over the visible keypoints of the rows that hold a `<keypoint>` token."""
+        if keypoint_labels.shape != pred_keypoints.shape:
+            raise ValueError(f"keypoint_labels must have shape {tuple(pred_keypoints.shape)}, got {tuple(keypoint_labels.shape)}")
+        visible = torch.ones_like(keypoint_labels[:, 0], dtype=torch.bool) if keypoint_visible is None else keypoint_visible.bool()
+        has_token = ~pred_keypoints.isnan().any(-1)
+        if (visible & ~has_token).any():
+            raise ValueError("a visible keypoint target belongs to a sequence without a <keypoint> token")
+        if not torch.isfinite(keypoint_labels[visible]).all():
+            raise ValueError("keypoint_labels of visible keypoints contain NaN or infinity")
+        if not visible.any():
+            # keeps the head in the graph so distributed training sees every parameter used
+            return self.keypoint_head(hidden_states[:1, :1]).sum() * 0.0
+        return F.l1_loss(pred_keypoints[visible], keypoint_labels[visible].to(pred_keypoints.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        support_pixel_values: torch.Tensor | None = None,
+        prompt_coords: torch.Tensor | None = None,
+        prompt_visible: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        keypoint_labels: torch.Tensor | None = None,
+        keypoint_visible: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> KptLlmOutput:
+        if input_ids is None:
+            raise ValueError("input_ids are required: placeholders are found by token id")
+        inputs_embeds = self.embed_multimodal_inputs(
+            input_ids, pixel_values, support_pixel_values, prompt_coords, prompt_visible
+        )
+        outputs = self.get_decoder()(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, L, D_llm)
+        kept = hidden_states if not logits_to_keep else hidden_states[:, -logits_to_keep:]
+        logits = self.get_output_embeddings()(kept)  # (B, L, V)
+        pred_keypoints = self.predict_keypoints(input_ids, hidden_states)  # (B, 2)
+
+        loss = lm_loss = kpt_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+            loss = lm_loss
+        if keypoint_labels is not None:
+            kpt_loss = self.keypoint_loss(pred_keypoints, keypoint_labels, keypoint_visible, hidden_states)
+            weighted = self.config.keypoint_loss_weight * kpt_loss
+            loss = weighted if loss is None else loss + weighted
+        return KptLlmOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            keypoint_loss=kpt_loss,
+            logits=logits,
+            pred_keypoints=pred_keypoints,
+            cache=outputs.cache if use_cache else None,
+        )
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        # images and prompts are only needed to fill the placeholders at prefill; the cache holds them afterwards
+        first_step = kwargs.get("is_first_iteration", False) or not kwargs.get("use_cache", True)
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if not first_step:
+            for key in ("pixel_values", "support_pixel_values", "prompt_coords", "prompt_visible"):
+                model_inputs.pop(key, None)
+        return model_inputs
+
+    @torch.no_grad()
+    def detect_keypoints(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        support_pixel_values: torch.Tensor | None = None,
+        prompt_coords: torch.Tensor | None = None,
+        prompt_visible: torch.Tensor | None = None,
+        max_new_tokens: int = 24,
+    ) -> KptLlmDetectionOutput:
+        """Identify-then-detect for a batch of keypoint sequences (e.g. all K keypoints of one instance).
+
+        Greedy decoding with the KV cache: each row writes the keypoint's name, then `<keypoint>`; the
+        row's coordinates come from the keypoint head at the step that feeds `<keypoint>` back in.
+        For the semantic task no `<keypoint>` is emitted and the coordinates stay NaN. Prompts that
+        already end with `<keypoint>` (the no-ItD ablation) are answered by the prefill alone.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kpt_id = self.config.keypoint_token_id
+        eos_ids = torch.tensor(self._eos_token_ids(), device=input_ids.device)
+        pad_id = self.generation_config.pad_token_id
+        pad_id = pad_id if pad_id is not None else int(eos_ids[0])
+        batch = input_ids.shape[0]
+
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding aware
+        out = self(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            support_pixel_values=support_pixel_values,
+            prompt_coords=prompt_coords,
+            prompt_visible=prompt_visible,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        pred_keypoints = out.pred_keypoints  # NaN unless the prompt itself ends with <keypoint>
+        found = (input_ids[:, -1] == kpt_id) & ~pred_keypoints.isnan().any(-1)
+        finished = found.clone()
+        generated = []
+        next_tokens = out.logits[:, -1].argmax(-1)  # (B,)
+        last_position = position_ids[:, -1:]
+        for _ in range(max_new_tokens):
+            if finished.all():
+                break
+            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
+            generated.append(next_tokens)
+            finished |= torch.isin(next_tokens, eos_ids)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+            last_position = last_position + 1
+            out = self(
+                input_ids=next_tokens[:, None],
+                attention_mask=attention_mask,
+                position_ids=last_position,
+                cache=out.cache,
+                use_cache=True,
+            )
+            fed_keypoint = (next_tokens == kpt_id) & ~finished
+            pred_keypoints = torch.where(fed_keypoint[:, None], out.pred_keypoints, pred_keypoints)
+            found |= fed_keypoint
+            finished |= fed_keypoint
+            next_tokens = out.logits[:, -1].argmax(-1)
+        sequences = torch.stack(generated, dim=1) if generated else input_ids.new_zeros(batch, 0)
+        return KptLlmDetectionOutput(sequences=sequences, pred_keypoints=pred_keypoints, keypoint_found=found)
+
+    def _eos_token_ids(self) -> list[int]:
+        eos = self.generation_config.eos_token_id
+        if eos is None:
+            eos = self.config.text_config.eos_token_id
+        if eos is None:
+            raise ValueError("set generation_config.eos_token_id so that decoding knows when a row has finished")
+        return [eos] if isinstance(eos, int) else list(eos)
+
+
+__all__ = ["KptLlmForKeypointComprehension", "KptLlmPreTrainedModel"]
