@@ -431,6 +431,7 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
     ) -> KptLlmOutput:
         if input_ids is None:
             raise ValueError("input_ids are required: placeholders are found by token id")
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # Trainer's, for the LM loss only
         inputs_embeds = self.embed_multimodal_inputs(
             input_ids, pixel_values, support_pixel_values, prompt_coords, prompt_visible
         )
@@ -450,7 +451,10 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         loss = lm_loss = kpt_loss = None
         if labels is not None:
             lm_loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
             )
             loss = lm_loss
         if keypoint_labels is not None:

@@ -1,0 +1,63 @@
+"""Baseline table of the embedded benchmark: support-copy and mean-position PCK@0.2 on every split.
+
+    python -m processing.baselines --data data/embedded [--shots 1 5] [--output baselines.md]
+
+Each split's fixed test episodes (the same file `train.py` and `eval.py` use) are scored, so the
+numbers printed here are the ones a trained model is compared with.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from .coco import load_mp100
+from .embedded import ensure_embedded_benchmark
+from .episodes import fixed_test_episodes
+from .evaluation import evaluate_baselines
+
+METHODS = ("support-copy", "mean-position")
+
+
+def baseline_table(
+    data_dir: str | Path, shots: tuple[int, ...] = (1, 5), crop_padding: float = 1.25, queries_per_category: int = 5
+) -> tuple[dict, str]:
+    """{shots: {method: [PCK per split]}} and the Markdown table (splits as columns, plus the mean)."""
+    data_dir = Path(data_dir)
+    scores: dict[int, dict[str, list[float]]] = {k: {m: [] for m in METHODS} for k in shots}
+    for split in range(1, 6):
+        train = load_mp100(data_dir, split, "train")
+        test = load_mp100(data_dir, split, "test")
+        for num_shots in shots:
+            episodes = fixed_test_episodes(
+                test, data_dir / "episodes" / f"split{split}_test_{num_shots}shot.json", num_shots=num_shots,
+                seed=0, num_queries_per_category=queries_per_category,
+            )
+            results = evaluate_baselines(test, episodes, train, crop_padding)
+            for method in METHODS:
+                scores[num_shots][method].append(100 * results[method]["pck"])
+    lines = ["| method | shots | split 1 | split 2 | split 3 | split 4 | split 5 | mean |", "|---|---|---|---|---|---|---|---|"]
+    for num_shots in shots:
+        for method in METHODS:
+            values = scores[num_shots][method]
+            lines.append(f"| {method} | {num_shots} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {np.mean(values):.2f} |")
+    return scores, "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/embedded")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--crop-padding", type=float, default=1.25)
+    parser.add_argument("--queries-per-category", type=int, default=5)
+    parser.add_argument("--output", help="also write the Markdown table here")
+    args = parser.parse_args()
+    ensure_embedded_benchmark(args.data)
+    _, table = baseline_table(args.data, tuple(args.shots), args.crop_padding, args.queries_per_category)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

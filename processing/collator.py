@@ -1,0 +1,115 @@
+"""Training examples for HF `Trainer`: one (instance, keypoint, task) sample -> processor features -> batch.
+
+`KeypointTrainingDataset` turns the rows of `episodes.make_training_samples` into processor outputs
+(one sequence each); `KptLlmDataCollator` pads them into a batch that `KptLlmForKeypointComprehension`
+takes as is. Use `TrainingArguments(remove_unused_columns=False)`: the inputs are not text columns.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from torch.utils.data import Dataset as TorchDataset
+
+from modeling_kptllm import KptLlmProcessor
+
+from .coco import load_image
+
+SUPPORT_KEYS = ("support_pixel_values", "prompt_coords", "prompt_visible")
+
+
+class KeypointTrainingDataset(TorchDataset):
+    """Processor features for training samples drawn from annotated instances.
+
+    Args:
+        instances: rows of `coco.load_keypoint_annotations` (image path, bbox, keypoints, names).
+        samples: rows of `episodes.make_training_samples` (task, query_row, support_rows, keypoint_index).
+        processor: builds the token sequence, crops and targets.
+        identify_then_detect: False trains the Table 5 ablation (the answer is `<keypoint>` alone).
+    """
+
+    def __init__(
+        self, instances: Dataset, samples: Dataset, processor: KptLlmProcessor, identify_then_detect: bool = True
+    ):
+        self.instances = instances
+        self.samples = samples
+        self.processor = processor
+        self.identify_then_detect = identify_then_detect
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        query = self.instances[sample["query_row"]]
+        k = sample["keypoint_index"]
+        name = query["keypoint_names"][k]
+        kwargs = dict(
+            query=load_image(query["image_path"]),
+            query_bbox=query["bbox"],
+            task=sample["task"],
+            kpt_names=[name],
+            return_labels=True,
+            identify_then_detect=self.identify_then_detect,
+        )
+        if sample["task"] == "semantic":  # the answer is a name only: no <keypoint>, no coordinate target
+            kwargs["kpts"] = [query["keypoints"][k]]
+        else:
+            kwargs.update(query_kpts=[query["keypoints"][k]], query_visible=[query["visible"][k]])
+        if sample["support_rows"]:
+            supports = [self.instances[row] for row in sample["support_rows"]]
+            kwargs.update(
+                support=[load_image(s["image_path"]) for s in supports],
+                kpts=[[s["keypoints"][k]] for s in supports],
+                support_bbox=[s["bbox"] for s in supports],
+                support_visible=[[s["visible"][k]] for s in supports],
+            )
+        return dict(self.processor(**kwargs))
+
+
+@dataclass
+class KptLlmDataCollator:
+    """Pads sequences on the right and concatenates images, prompts and keypoint targets.
+
+    Every feature is one processor output for one sequence. Support crops are concatenated in
+    order, so that shot s of the p-th prompt is support image p * S + s (the model's layout);
+    sequences without a `<kpt_prompt>` (textual task) contribute none.
+    """
+
+    pad_token_id: int
+    ignore_index: int = -100
+
+    def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        for i, feature in enumerate(features):
+            if feature["input_ids"].shape[0] != 1:
+                raise ValueError(f"feature {i} holds {feature['input_ids'].shape[0]} sequences; the collator takes one each")
+        length = max(f["input_ids"].shape[1] for f in features)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            rows = [f[key][0] for f in features]
+            return torch.stack([torch.cat([row, row.new_full((length - len(row),), value)]) for row in rows])
+
+        batch = {
+            "input_ids": pad("input_ids", self.pad_token_id),
+            "attention_mask": pad("attention_mask", 0),
+            "pixel_values": torch.cat([f["pixel_values"] for f in features]),
+        }
+        if any("labels" in f for f in features):
+            if not all("labels" in f for f in features):
+                raise ValueError("either every feature has labels or none has")
+            batch["labels"] = pad("labels", self.ignore_index)
+
+        prompted = [f for f in features if "prompt_coords" in f]
+        if prompted:
+            shots = {f["prompt_coords"].shape[1] for f in prompted}
+            if len(shots) > 1:
+                raise ValueError(f"features mix different numbers of support shots {sorted(shots)}; batch them apart")
+            for key in SUPPORT_KEYS:
+                batch[key] = torch.cat([f[key] for f in prompted])
+
+        if any("keypoint_labels" in f for f in features):
+            batch["keypoint_labels"] = torch.cat([f.get("keypoint_labels", torch.zeros(1, 2)) for f in features])
+            batch["keypoint_visible"] = torch.cat(
+                [f.get("keypoint_visible", torch.zeros(1, dtype=torch.long)) for f in features]
+            )
+        return batch

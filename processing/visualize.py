@@ -1,0 +1,63 @@
+"""Pictures of episodes: the support with its keypoints beside the query with predictions and names."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset
+from PIL import Image, ImageDraw
+
+from .coco import load_image
+from .episodes import Episode
+
+PANEL = 256
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
+
+
+def _panel(row: dict, points: np.ndarray, labels: Sequence[str | None], truth: np.ndarray | None = None) -> Image.Image:
+    """The instance's bbox region scaled to PANEL pixels, with numbered, coloured keypoints."""
+    x, y, w, h = row["bbox"]
+    side = max(w, h) * 1.2
+    x0, y0 = x + w / 2 - side / 2, y + h / 2 - side / 2
+    image = load_image(row["image_path"]).transform(
+        (PANEL, PANEL), Image.Transform.EXTENT, data=(x0, y0, x0 + side, y0 + side), resample=Image.Resampling.BILINEAR
+    )
+    draw = ImageDraw.Draw(image)
+    scale = PANEL / side
+    for index, (point, label) in enumerate(zip(points, labels)):
+        colour = PALETTE[index % len(PALETTE)]
+        if truth is not None and not np.isnan(truth[index]).any():
+            tx, ty = (truth[index] - (x0, y0)) * scale
+            draw.rectangle((tx - 3, ty - 3, tx + 3, ty + 3), outline=colour)
+        if np.isnan(point).any():
+            continue
+        px, py = (point - (x0, y0)) * scale
+        draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=colour, outline=(0, 0, 0))
+        if label:
+            draw.text((px + 6, py - 6), label, fill=colour, stroke_width=1, stroke_fill=(0, 0, 0))
+    return image
+
+
+def save_episode_sheet(
+    model, processor, instances: Dataset, episodes: Sequence[Episode], path: str | Path
+) -> Path:
+    """One row per episode: support (ground-truth names) | query (predictions, names; squares = truth)."""
+    from .evaluation import predict_episode
+
+    rows = []
+    for episode in episodes:
+        support = instances[episode.support_rows[0]]
+        query = instances[episode.query_row]
+        predicted, names = predict_episode(model, processor, instances, episode)
+        support_points = np.where(np.asarray(support["visible"])[:, None] > 0, np.asarray(support["keypoints"], float), np.nan)
+        truth = np.where(np.asarray(query["visible"])[:, None] > 0, np.asarray(query["keypoints"], float), np.nan)
+        rows.append((_panel(support, support_points, support["keypoint_names"]), _panel(query, predicted, names, truth)))
+    sheet = Image.new("RGB", (2 * PANEL + 8, max(1, len(rows)) * (PANEL + 8)), (255, 255, 255))
+    for i, (left, right) in enumerate(rows):
+        sheet.paste(left, (0, i * (PANEL + 8)))
+        sheet.paste(right, (PANEL + 8, i * (PANEL + 8)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
