@@ -17,11 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from .configuration_kptllm import KptLlmConfig
+
+
+# Amplitude of the positional encodings inside the prompt feature extractor: large enough that, with
+# the cross-attention initialised as identities, position similarity outweighs content and a prompt
+# starts attending to the patches within about one patch of it (measured: 99% of prompts put the
+# most weight on their own patch of an 8x8 grid, ~60% of the weight).
+POSITION_AMPLITUDE = 3.0
 
 
 @dataclass
@@ -58,14 +66,20 @@ class KptLlmDetectionOutput(ModelOutput):
     keypoint_found: torch.BoolTensor | None = None
 
 
-def sine_cosine_embedding(coords: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """Transformer-style sine-cosine embedding of normalized 2-D points: (..., 2) -> (..., dim)."""
+def sine_cosine_embedding(coords: torch.Tensor, dim: int, max_frequency: float) -> torch.Tensor:
+    """Sine-cosine embedding of normalized 2-D points: (..., 2) -> (..., dim).
+
+    Frequencies rise geometrically from 1 to `max_frequency` cycles per image side (the patch grid's
+    resolution), so that the embedding tells neighbouring patches apart; each group of 4 channels is
+    [sin x, cos x, sin y, cos y] at one frequency, so every attention head sees both axes.
+    """
     if dim % 4:
         raise ValueError(f"sine-cosine embedding needs a dimension divisible by 4, got {dim}")
     num_freqs = dim // 4
-    freqs = temperature ** (-torch.arange(num_freqs, device=coords.device, dtype=torch.float32) / num_freqs)
-    angles = 2 * math.pi * coords.float().unsqueeze(-1) * freqs  # (..., 2, dim/4)
-    embedding = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (..., 2, dim/2)
+    exponents = torch.arange(num_freqs, device=coords.device, dtype=torch.float32) / max(num_freqs - 1, 1)
+    freqs = max_frequency**exponents  # (dim/4,)
+    angles = 2 * math.pi * coords.float().unsqueeze(-2) * freqs.unsqueeze(-1)  # (..., dim/4, 2)
+    embedding = torch.stack([angles[..., 0].sin(), angles[..., 0].cos(), angles[..., 1].sin(), angles[..., 1].cos()], -1)
     return embedding.flatten(-2)  # (..., dim)
 
 
@@ -103,22 +117,36 @@ class KptLlmPromptEncoder(nn.Module):
         super().__init__()
         dim = config.vision_config.hidden_size
         self.embed_dim = dim
+        self.max_frequency = config.patch_grid_size / 2
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sine_cosine_embedding(coords, self.embed_dim).to(self.mlp[0].weight.dtype))
+        embedding = sine_cosine_embedding(coords, self.embed_dim, self.max_frequency)
+        return self.mlp(embedding.to(self.mlp[0].weight.dtype))
 
 
 class KptLlmAttention(nn.Module):
-    """Multi-head attention with separate q/k/v/o projections (plain Linears: LoRA-, ZeRO- and init-friendly)."""
+    """Multi-head attention with separate q/k/v/o projections (plain Linears: LoRA-, ZeRO- and init-friendly).
 
-    def __init__(self, dim: int, num_heads: int):
+    `starts_local=True` marks the cross-attention to the support features: it is initialised so that,
+    before training, it pools the support patches around the prompt position.
+    """
+
+    def __init__(self, dim: int, num_heads: int, starts_local: bool = False):
         super().__init__()
         self.num_heads = num_heads
+        self.starts_local = starts_local
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.o_proj = nn.Linear(dim, dim)
+        if starts_local:
+            # q/k as identities turn the logits into similarities of the (amplified) sine-cosine
+            # positions, which peak at the prompt; v/o as identities pass the pooled features through.
+            # The extractor thus starts as a soft local pooling (Table 6's baseline) and learns global
+            # context from there, instead of starting as a blind average of the whole support image.
+            for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+                proj.identity_init_scale = 1.0
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         batch, q_len, dim = query.shape
@@ -142,7 +170,7 @@ class KptLlmCrossAttentionLayer(nn.Module):
         self.self_attn_norm = nn.LayerNorm(dim)
         self.self_attn = KptLlmAttention(dim, heads)
         self.cross_attn_norm = nn.LayerNorm(dim)
-        self.cross_attn = KptLlmAttention(dim, heads)
+        self.cross_attn = KptLlmAttention(dim, heads, starts_local=True)
         self.mlp_norm = nn.LayerNorm(dim)
         hidden = int(dim * config.prompt_extractor_mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
@@ -164,6 +192,7 @@ class KptLlmPromptFeatureExtractor(nn.Module):
     def __init__(self, config: KptLlmConfig):
         super().__init__()
         self.grid_size = config.patch_grid_size
+        self.max_frequency = config.patch_grid_size / 2
         self.layers = nn.ModuleList(KptLlmCrossAttentionLayer(config) for _ in range(config.prompt_extractor_layers))
         self.norm = nn.LayerNorm(config.vision_config.hidden_size)
 
@@ -171,8 +200,10 @@ class KptLlmPromptFeatureExtractor(nn.Module):
         # prompt_embeds: (N, D); coords: (N, 2); support_features: (N, h*w, D) -> (N, D)
         dim = prompt_embeds.shape[-1]
         dtype = prompt_embeds.dtype
-        prompt_pos = sine_cosine_embedding(coords, dim).to(dtype).unsqueeze(1)  # (N, 1, D)
-        memory_pos = sine_cosine_embedding(patch_centers(self.grid_size, coords.device), dim).to(dtype)[None]
+        prompt_pos = POSITION_AMPLITUDE * sine_cosine_embedding(coords, dim, self.max_frequency)  # (N, D)
+        centers = patch_centers(self.grid_size, coords.device)
+        memory_pos = POSITION_AMPLITUDE * sine_cosine_embedding(centers, dim, self.max_frequency)  # (h*w, D)
+        prompt_pos, memory_pos = prompt_pos.to(dtype).unsqueeze(1), memory_pos.to(dtype).unsqueeze(0)
         prompts = prompt_embeds.unsqueeze(1)  # (N, 1, D)
         for layer in self.layers:
             prompts = layer(prompts, prompt_pos, support_features, memory_pos)
@@ -221,6 +252,14 @@ class KptLlmPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["KptLlmCrossAttentionLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        identity_scale = getattr(module, "identity_init_scale", None)
+        if isinstance(module, nn.Linear) and identity_scale is not None:
+            eye = torch.eye(module.out_features, module.in_features, device=module.weight.device, dtype=module.weight.dtype)
+            init.copy_(module.weight, eye * identity_scale)
+            init.zeros_(module.bias)
 
 
 class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from modeling_kptllm import KptLlmForKeypointComprehension
 from modeling_kptllm.modeling_kptllm import average_pool_around, sine_cosine_embedding
-from processing.builders import tiny_config
+from processing.builders import template_corpus, tiny_config, train_byte_level_tokenizer
 
 from tests.helpers import KEYPOINT_NAMES, random_image
 
@@ -194,12 +194,40 @@ def test_average_pooling_picks_the_local_feature():
 
 
 def test_sine_cosine_embedding_distinguishes_positions():
-    emb = sine_cosine_embedding(torch.tensor([[0.1, 0.2], [0.2, 0.1], [0.1, 0.2]]), 16)
+    emb = sine_cosine_embedding(torch.tensor([[0.1, 0.2], [0.2, 0.1], [0.1, 0.2]]), 16, max_frequency=4)
     assert emb.shape == (3, 16)
     torch.testing.assert_close(emb[0], emb[2])
     assert not torch.allclose(emb[0], emb[1])
+    # each group of four channels is (sin x, cos x, sin y, cos y) at one frequency: unit norm per axis
+    groups = emb.view(3, 4, 4)
+    torch.testing.assert_close(groups[..., :2].pow(2).sum(-1), torch.ones(3, 4))
     with pytest.raises(ValueError, match="divisible by 4"):
-        sine_cosine_embedding(torch.zeros(1, 2), 10)
+        sine_cosine_embedding(torch.zeros(1, 2), 10, max_frequency=4)
+
+
+def test_cross_attention_starts_as_local_pooling():
+    """At initialisation a prompt's cross-attention weight peaks on the support patch under it."""
+    config = tiny_config(train_byte_level_tokenizer(template_corpus(KEYPOINT_NAMES)), image_size=64, patch_size=8)
+    model = KptLlmForKeypointComprehension(config).eval()
+    grid = config.patch_grid_size
+    torch.manual_seed(1)
+    support = model.get_vision_features(torch.randn(2, 3, 64, 64))  # (2, 64, D)
+    layer = model.prompt_feature_extractor.layers[0]
+    captured = {}
+
+    def capture_scores(module, args):
+        query, key = module.q_proj(args[0]), module.k_proj(args[1])
+        captured["scores"] = (query @ key.transpose(1, 2)).squeeze(1)  # (N, h*w), all heads together
+
+    hook = layer.cross_attn.register_forward_pre_hook(capture_scores)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    coords = torch.stack([(cols.flatten() + 0.5) / grid, (rows.flatten() + 0.5) / grid], -1)  # every patch centre
+    with torch.no_grad():
+        for image in support:
+            model.get_prompt_features(image[None], coords[:, None])
+            hits = (captured["scores"].argmax(-1) == torch.arange(grid * grid)).float().mean()
+            assert hits > 0.9, hits
+    hook.remove()
 
 
 # -- identify-then-detect decoding ---------------------------------------------------------------
