@@ -22,3 +22,13 @@ def images():
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def small_benchmark(tmp_path_factory):
+    """A reduced embedded benchmark (3 instances per category, 96 px), generated once per session."""
+    from processing.embedded import generate_embedded_benchmark
+
+    out = tmp_path_factory.mktemp("embedded") / "data"
+    generate_embedded_benchmark(out, seed=0, instances_per_category=3, instances_per_species=10, image_size=96)
+    return out
