@@ -309,6 +309,9 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, h*w, D_v): the selected vision layer, CLS dropped under "default"."""
         self._check_pixel_values(pixel_values, "pixel_values")
+        return self._encode_images(pixel_values)
+
+    def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
         features = outputs.hidden_states[self.config.vision_feature_layer]
         if self.config.vision_feature_select_strategy == "default":
@@ -319,7 +322,7 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         expected = self.config.vision_config.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, expected, expected):
             raise ValueError(f"{field} must have shape (N, 3, {expected}, {expected}), got {tuple(pixel_values.shape)}")
-        if not torch.isfinite(pixel_values).all():
+        if not torch.isfinite(pixel_values.sum()):  # one reduction: NaN and inf propagate into the sum
             raise ValueError(f"{field} contain NaN or infinity")
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -399,7 +402,7 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
                 self._check_pixel_values(pixels, field)
                 images.append(pixels)
         # one vision-tower call for query and support crops alike
-        vision_features = self.get_vision_features(torch.cat(images)) if images else None
+        vision_features = self._encode_images(torch.cat(images)) if images else None  # checked above
         num_query = 0 if pixel_values is None else pixel_values.shape[0]
         if pixel_values is not None:
             image_features = self.multi_modal_projector(vision_features[:num_query])  # (N_q, h*w, D_llm)
