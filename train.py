@@ -172,27 +172,24 @@ def build_model(model_args: ModelArguments, keypoint_names: list[str], seed: int
         if model_args.model_name_or_path:
             model = KptLlmForKeypointComprehension.from_pretrained(model_args.model_name_or_path)
             processor = KptLlmProcessor.from_pretrained(model_args.model_name_or_path)
-        elif model_args.preset == "smol":
-            model, processor = build_smol_model(
-                seed=seed,
-                image_size=model_args.image_size,
-                patch_size=model_args.patch_size,
-                vision_hidden_size=model_args.vision_hidden_size,
-                vision_layers=model_args.vision_layers,
-                prompt_feature_extractor=model_args.prompt_feature_extractor,
-            )
         else:
-            model, processor = build_tiny_model(
-                sorted(keypoint_names),
+            shared = dict(
                 seed=seed,
                 image_size=model_args.image_size,
                 patch_size=model_args.patch_size,
                 vision_hidden_size=model_args.vision_hidden_size,
                 vision_layers=model_args.vision_layers,
-                text_hidden_size=model_args.text_hidden_size,
-                text_layers=model_args.text_layers,
                 prompt_feature_extractor=model_args.prompt_feature_extractor,
             )
+            if model_args.preset == "smol":
+                model, processor = build_smol_model(**shared)
+            else:
+                model, processor = build_tiny_model(
+                    sorted(keypoint_names),
+                    text_hidden_size=model_args.text_hidden_size,
+                    text_layers=model_args.text_layers,
+                    **shared,
+                )
         if model_args.use_lora:
             model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout)
     return model, processor

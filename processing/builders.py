@@ -77,6 +77,26 @@ def build_processor(
     )
 
 
+def small_clip_vision_config(image_size: int, patch_size: int, hidden_size: int, layers: int, heads: int) -> dict:
+    """A randomly initialised CLIP vision tower's config (no pretrained image encoder is available offline)."""
+    return {
+        "model_type": "clip_vision_model",
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 4,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+
+
+def set_generation_ids(model: KptLlmForKeypointComprehension, tokenizer) -> None:
+    """Decoding needs to know when a row has finished and what to pad it with."""
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+
 def tiny_config(
     tokenizer: PreTrainedTokenizerFast,
     image_size: int = 32,
@@ -89,15 +109,7 @@ def tiny_config(
     **overrides,
 ) -> KptLlmConfig:
     """A KptLLM config with a small CLIP tower and a small Llama, sized to `tokenizer`."""
-    vision_config = {
-        "model_type": "clip_vision_model",
-        "hidden_size": vision_hidden_size,
-        "intermediate_size": vision_hidden_size * 4,
-        "num_hidden_layers": vision_layers,
-        "num_attention_heads": num_heads,
-        "image_size": image_size,
-        "patch_size": patch_size,
-    }
+    vision_config = small_clip_vision_config(image_size, patch_size, vision_hidden_size, vision_layers, num_heads)
     text_config = {
         "model_type": "llama",
         "hidden_size": text_hidden_size,
@@ -133,9 +145,7 @@ def build_tiny_model(
     config = tiny_config(tokenizer, **config_kwargs)
     torch.manual_seed(seed)
     model = KptLlmForKeypointComprehension(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    set_generation_ids(model, tokenizer)
     processor = build_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
     return model, processor
 
@@ -268,15 +278,7 @@ def build_smol_model(
     text_config = llm.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype"):
         text_config.pop(key, None)
-    vision_config = {
-        "model_type": "clip_vision_model",
-        "hidden_size": vision_hidden_size,
-        "intermediate_size": vision_hidden_size * 4,
-        "num_hidden_layers": vision_layers,
-        "num_attention_heads": num_heads,
-        "image_size": image_size,
-        "patch_size": patch_size,
-    }
+    vision_config = small_clip_vision_config(image_size, patch_size, vision_hidden_size, vision_layers, num_heads)
     image_id, prompt_id, keypoint_id = (tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS)
     config = KptLlmConfig(
         vision_config=vision_config,
@@ -291,8 +293,6 @@ def build_smol_model(
     missing, unexpected = model.language_model.load_state_dict(llm.state_dict(), strict=False)
     if unexpected or [key for key in missing if not key.endswith("lm_head.weight")]:
         raise RuntimeError(f"SmolLM2 weights do not fit the LLM: missing {missing}, unexpected {unexpected}")
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    set_generation_ids(model, tokenizer)
     processor = build_processor(tokenizer, image_size, patch_size, system_prompt=system_prompt)
     return model, processor

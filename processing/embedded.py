@@ -62,19 +62,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .coco import AP10K_KEYPOINT_NAMES
+
 GENERATOR_VERSION = "1.0"
 
 # ----------------------------------------------------------------------------------------------
 # Keypoint names, themes and glyphs
 # ----------------------------------------------------------------------------------------------
 
-AP10K_KEYPOINTS: tuple[str, ...] = (
-    "left eye", "right eye", "nose", "neck", "root of tail",
-    "left shoulder", "left elbow", "left front paw",
-    "right shoulder", "right elbow", "right front paw",
-    "left hip", "left knee", "left back paw",
-    "right hip", "right knee", "right back paw",
-)
+AP10K_KEYPOINTS: tuple[str, ...] = AP10K_KEYPOINT_NAMES  # the real dataset's names and order
 # AP-10K's own skeleton (1-based, as in its annotation files).
 AP10K_SKELETON: tuple[tuple[int, int], ...] = (
     (1, 2), (1, 3), (2, 3), (3, 4), (4, 5), (4, 6), (6, 7), (7, 8), (4, 9), (9, 10),
