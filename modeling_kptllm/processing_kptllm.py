@@ -289,9 +289,10 @@ class KptLlmProcessor(ProcessorMixin):
             else:
                 data.update(self._support_inputs(support, kpts, support_bbox, support_visible))
                 num_kpts = data["prompt_coords"].shape[0]
-        if task in ("textual", "visual+textual") or return_labels:
+        names_in_question = task in ("textual", "visual+textual")
+        if names_in_question or return_labels:
             if kpt_names is None:
-                raise ValueError(f"task={task!r} needs kpt_names" if task != "visual" else "return_labels needs kpt_names")
+                raise ValueError(f"task={task!r} needs kpt_names" if names_in_question else "return_labels needs kpt_names")
             if isinstance(kpt_names, str) or not all(isinstance(n, str) and n.strip() for n in kpt_names):
                 raise TypeError("kpt_names must be a list of non-empty strings")
             if num_kpts is not None and len(kpt_names) != num_kpts:
