@@ -171,7 +171,7 @@ def build_model(model_args: ModelArguments, keypoint_names: list[str], seed: int
     with zero3_init_disabled():
         if model_args.model_name_or_path:
             model = KptLlmForKeypointComprehension.from_pretrained(model_args.model_name_or_path)
-            processor = KptLlmProcessor.from_pretrained(model_args.model_name_or_path)
+            processor = KptLlmProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=False)
         else:
             shared = dict(
                 seed=seed,
