@@ -228,13 +228,17 @@ def average_pool_around(
 
 
 class KptLlmKeypointHead(nn.Module):
-    """Eq. 5: y = FFN(u_kpt), squashed to [0, 1] because targets are normalized crop coordinates."""
+    """Eq. 5: y = FFN(u_kpt), squashed to [0, 1] because targets are normalized crop coordinates.
+
+    GELU, not ReLU: with ReLU every unit of the first layer died early in training the tiny model
+    (measured: 0% ever active), after which the head predicted the same point for every keypoint.
+    """
 
     def __init__(self, config: KptLlmConfig):
         super().__init__()
         dim = config.text_config.hidden_size
         hidden = config.keypoint_head_hidden_size or dim
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 2))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.mlp(hidden_states).sigmoid()

@@ -17,7 +17,7 @@ QUERY_KPTS = [[5.0, 5.0], [40.0, 30.0], [70.0, 50.0]]
 NAMES = ["left eye", "nose", "tail tip"]
 
 
-def visual_batch(processor, images, **kwargs):
+def visual_batch(processor, images, query_visible=(1, 1, 0), **kwargs):
     return processor(
         query=images["query"],
         support=images["support"],
@@ -25,7 +25,7 @@ def visual_batch(processor, images, **kwargs):
         task="visual",
         kpt_names=NAMES,
         query_kpts=QUERY_KPTS,
-        query_visible=[1, 1, 0],
+        query_visible=list(query_visible),
         return_labels=True,
         **kwargs,
     )
@@ -273,6 +273,21 @@ def test_prompt_features_let_the_model_tell_keypoints_apart(tiny, images):
     model.eval()
     out = model.detect_keypoints(**processor(query=images["query"], kpts=QUERY_KPTS, task="semantic"))
     assert processor.decode_names(out.sequences) == NAMES
+
+
+def test_keypoint_head_keeps_learning_under_a_large_learning_rate(tiny, images):
+    """Distinct targets stay reachable: the head must not collapse to one point (dead units)."""
+    base_model, processor = tiny
+    model = copy.deepcopy(base_model).train()
+    batch = visual_batch(processor, images, query_visible=[1, 1, 1])
+    optimizer = torch.optim.AdamW(model.keypoint_head.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        out = model(**batch)
+        out.keypoint_loss.backward()
+        optimizer.step()
+    assert out.keypoint_loss.item() < 0.05
+    assert out.pred_keypoints.detach().std(0).min() > 0.05
 
 
 def naive_detect(model, processor, images, index, max_new_tokens=16):
