@@ -80,7 +80,7 @@ def run_visual_prompt(args: EvalArguments) -> dict:
     from processing.coco import load_mp100
     from processing.embedded import ensure_embedded_benchmark
     from processing.episodes import fixed_test_episodes
-    from processing.evaluation import evaluate_visual_prompt, markdown_table
+    from processing.evaluation import evaluate_visual_prompt, markdown_table, fixed_episode_file
     from processing.visualize import save_episode_sheet
 
     model_dir = Path(args.model)
@@ -94,7 +94,7 @@ def run_visual_prompt(args: EvalArguments) -> dict:
     train = load_mp100(args.data_dir, args.split, "train")
     test = load_mp100(args.data_dir, args.split, "test")
     episodes = fixed_test_episodes(
-        test, Path(args.data_dir) / "episodes" / f"split{args.split}_test_{args.shots}shot.json",
+        test, fixed_episode_file(args.data_dir, args.split, args.shots, args.queries_per_category),
         num_shots=args.shots, seed=0, num_queries_per_category=args.queries_per_category,
     )[: args.limit]
     results = evaluate_visual_prompt(model, processor, test, episodes, train)

@@ -14,7 +14,7 @@ import numpy as np
 from .coco import load_mp100
 from .embedded import ensure_embedded_benchmark
 from .episodes import fixed_test_episodes
-from .evaluation import evaluate_baselines
+from .evaluation import evaluate_baselines, fixed_episode_file
 
 METHODS = ("support-copy", "mean-position")
 
@@ -30,7 +30,7 @@ def baseline_table(
         test = load_mp100(data_dir, split, "test")
         for num_shots in shots:
             episodes = fixed_test_episodes(
-                test, data_dir / "episodes" / f"split{split}_test_{num_shots}shot.json", num_shots=num_shots,
+                test, fixed_episode_file(data_dir, split, num_shots, queries_per_category), num_shots=num_shots,
                 seed=0, num_queries_per_category=queries_per_category,
             )
             results = evaluate_baselines(test, episodes, train, crop_padding)

@@ -25,6 +25,11 @@ from .episodes import Episode
 PCK_METRIC_PATH = str(Path(__file__).resolve().parents[1] / "metrics" / "pck")
 
 
+def fixed_episode_file(data_dir: str | Path, split: int, num_shots: int, queries_per_category: int) -> Path:
+    """Where a benchmark keeps its fixed test episodes: one file per sampling setting, shared by all tools."""
+    return Path(data_dir) / "episodes" / f"split{split}_test_{num_shots}shot_{queries_per_category}q.json"
+
+
 def _crop_box(row: dict, crop_padding: float):
     return square_crop_box(row["bbox"], (row["width"], row["height"]), crop_padding, "bbox")
 
