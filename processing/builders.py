@@ -97,6 +97,19 @@ def set_generation_ids(model: KptLlmForKeypointComprehension, tokenizer) -> None
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 
+def config_for_tokenizer(tokenizer, vision_config: dict, text_config: dict, **fields) -> KptLlmConfig:
+    """A KptLLM config whose placeholder ids are the tokenizer's `<image>`, `<kpt_prompt>`, `<keypoint>`."""
+    image_id, prompt_id, keypoint_id = (tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS)
+    return KptLlmConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=image_id,
+        kpt_prompt_token_id=prompt_id,
+        keypoint_token_id=keypoint_id,
+        **fields,
+    )
+
+
 def tiny_config(
     tokenizer: PreTrainedTokenizerFast,
     image_size: int = 32,
@@ -123,16 +136,7 @@ def tiny_config(
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    image_id, prompt_id, keypoint_id = (tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS)
-    return KptLlmConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=image_id,
-        kpt_prompt_token_id=prompt_id,
-        keypoint_token_id=keypoint_id,
-        prompt_extractor_heads=num_heads,
-        **overrides,
-    )
+    return config_for_tokenizer(tokenizer, vision_config, text_config, prompt_extractor_heads=num_heads, **overrides)
 
 
 def build_tiny_model(
@@ -279,16 +283,7 @@ def build_smol_model(
     for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype"):
         text_config.pop(key, None)
     vision_config = small_clip_vision_config(image_size, patch_size, vision_hidden_size, vision_layers, num_heads)
-    image_id, prompt_id, keypoint_id = (tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS)
-    config = KptLlmConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=image_id,
-        kpt_prompt_token_id=prompt_id,
-        keypoint_token_id=keypoint_id,
-        prompt_extractor_heads=num_heads,
-        **overrides,
-    )
+    config = config_for_tokenizer(tokenizer, vision_config, text_config, prompt_extractor_heads=num_heads, **overrides)
     model = KptLlmForKeypointComprehension(config)
     missing, unexpected = model.language_model.load_state_dict(llm.state_dict(), strict=False)
     if unexpected or [key for key in missing if not key.endswith("lm_head.weight")]:
