@@ -6,6 +6,7 @@ Baselines (measured on the same episodes, so they sit next to the model's number
   the training instances (the overall mean for names never seen in training).
 """
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,12 @@ from .coco import load_image
 from .episodes import Episode
 
 PCK_METRIC_PATH = str(Path(__file__).resolve().parents[1] / "metrics" / "pck")
+
+
+@functools.cache
+def _pck_metric() -> evaluate.EvaluationModule:
+    """The local PCK metric, loaded once: each load copies and imports the metric script again."""
+    return evaluate.load(PCK_METRIC_PATH)
 
 
 def fixed_episode_file(data_dir: str | Path, split: int, num_shots: int, queries_per_category: int) -> Path:
@@ -124,8 +131,7 @@ def score_pck(
         norms += [max(query["bbox"][2], query["bbox"][3])] * len(scored)
         visible += scored.astype(int).tolist()
         categories += [query["category_id"]] * len(scored)
-    metric = evaluate.load(PCK_METRIC_PATH)
-    return metric.compute(
+    return _pck_metric().compute(
         predictions=preds, references=refs, normalizers=norms, visible=visible, category_ids=categories,
         threshold=threshold,
     )
