@@ -78,3 +78,33 @@ def test_errors(pck, change, message):
 def test_bad_threshold(pck):
     with pytest.raises(ValueError, match="threshold"):
         pck.compute(**_case(), threshold=0.0)
+
+
+def test_hand_computed_euclidean_distance_per_keypoint_normalizer_and_empty_category(pck):
+    # Category 5: (15, 15) is 21.2 px away, a miss at 0.2 * 100 = 20 although each axis is within 20;
+    # (3, 4) is 5 px away: a miss with normalizer 20 (limit 4), a hit with normalizer 25 (limit 5).
+    # Category 7: one exact hit and one invisible miss. Category 9: nothing visible, so it is left out.
+    out = pck.compute(
+        predictions=[[15.0, 15.0], [3.0, 4.0], [3.0, 4.0], [7.0, 7.0], [50.0, 50.0], [1.0, 1.0]],
+        references=[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [7.0, 7.0], [0.0, 0.0], [0.0, 0.0]],
+        normalizers=[100.0, 20.0, 25.0, 10.0, 10.0, 10.0],
+        visible=[1, 1, 1, 1, 0, 0],
+        category_ids=[5, 5, 5, 7, 7, 9],
+    )
+    assert out["pck_per_category"] == {5: pytest.approx(1 / 3), 7: 1.0}
+    assert out["pck"] == pytest.approx((1 / 3 + 1.0) / 2)
+    assert out["pck_micro"] == pytest.approx(2 / 4)
+    assert out["num_keypoints"] == 4 and out["num_categories"] == 2
+
+
+def test_hand_computed_category_macro_average_is_not_keypoint_weighted(pck):
+    # 9 keypoints of category 1, all hits; 1 keypoint of category 2, a miss (distance 3 > 0.2 * 10).
+    out = pck.compute(
+        predictions=[[0.0, 0.0]] * 9 + [[3.0, 0.0]],
+        references=[[0.0, 0.0]] * 10,
+        normalizers=[10.0] * 10,
+        visible=[1] * 10,
+        category_ids=[1] * 9 + [2],
+    )
+    assert out["pck"] == pytest.approx(0.5)  # (1.0 + 0.0) / 2, not 9 / 10
+    assert out["pck_micro"] == pytest.approx(0.9)
