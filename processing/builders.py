@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
 
 from modeling_kptllm import KptLlmConfig, KptLlmForKeypointComprehension, KptLlmProcessor
+from modeling_kptllm.modeling_kptllm import patch_centers, sine_cosine_embedding
 from modeling_kptllm.processing_kptllm import QUESTIONS, SPECIAL_TOKENS
 
 TINY_SYSTEM_PROMPT = "A chat about keypoints."
@@ -90,11 +91,29 @@ def small_clip_vision_config(image_size: int, patch_size: int, hidden_size: int,
     }
 
 
+@torch.no_grad()
+def sincos_position_init(model: KptLlmForKeypointComprehension) -> None:
+    """Start a random-init CLIP tower's learned position embeddings at 2-D sine-cosine values (as MAE does).
+
+    CLIP draws them with std 0.02, far below its patch embeddings: a linear probe then recovered a
+    query token's patch position from the tiny model's projected image features with R^2 = 0.19-0.28,
+    and the keypoint head can only regress a location the LLM can read off the image tokens.
+    The CLS row stays zero. Pretrained towers (the paper's CLIP) are not touched by the builders.
+    """
+    embedding = model.vision_tower.embeddings.position_embedding.weight  # (1 + h*w, D_v)
+    grid = model.config.patch_grid_size
+    table = sine_cosine_embedding(patch_centers(grid, embedding.device), embedding.shape[1], grid / 2)  # (h*w, D_v)
+    embedding[1:] = table.to(embedding.dtype)
+    embedding[0] = 0.0
+
+
 def set_generation_ids(model: KptLlmForKeypointComprehension, tokenizer) -> None:
     """Decoding needs to know when a row has finished and what to pad it with."""
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    # placeholders carry features only at prefill: generate() must not write them (detect_keypoints doesn't)
+    model.generation_config.suppress_tokens = [model.config.image_token_id, model.config.kpt_prompt_token_id]
 
 
 def config_for_tokenizer(tokenizer, vision_config: dict, text_config: dict, **fields) -> KptLlmConfig:
@@ -132,6 +151,11 @@ def tiny_config(
         "num_key_value_heads": num_heads,
         "vocab_size": len(tokenizer),
         "max_position_embeddings": 4096,
+        # Llama's default 0.02 is sized for widths near 2,500: at 64-256 the query/key products start
+        # ~100x too small (uniform attention that barely learns to route, measured: the tiny model's
+        # <keypoint> token kept ~1% attention on the prompt token for 1,500 steps). 1/sqrt(width) keeps
+        # the logits' scale of the paper's 4,096-wide LLM.
+        "initializer_range": text_hidden_size**-0.5,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
@@ -149,6 +173,7 @@ def build_tiny_model(
     config = tiny_config(tokenizer, **config_kwargs)
     torch.manual_seed(seed)
     model = KptLlmForKeypointComprehension(config)
+    sincos_position_init(model)
     set_generation_ids(model, tokenizer)
     processor = build_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
     return model, processor
@@ -285,6 +310,7 @@ def build_smol_model(
     vision_config = small_clip_vision_config(image_size, patch_size, vision_hidden_size, vision_layers, num_heads)
     config = config_for_tokenizer(tokenizer, vision_config, text_config, prompt_extractor_heads=num_heads, **overrides)
     model = KptLlmForKeypointComprehension(config)
+    sincos_position_init(model)
     missing, unexpected = model.language_model.load_state_dict(llm.state_dict(), strict=False)
     if unexpected or [key for key in missing if not key.endswith("lm_head.weight")]:
         raise RuntimeError(f"SmolLM2 weights do not fit the LLM: missing {missing}, unexpected {unexpected}")
