@@ -1,17 +1,26 @@
-"""Evaluate KptLLM.
+"""Evaluate KptLLM with the paper's protocols; every number is printed next to baselines measured in the same run.
 
-    python eval.py --model runs/tiny/model --split 1 --shots 1       # PCK@0.2 next to the baselines
-    python eval.py --demo                                             # tiny random model, inference path only
+    python eval.py --model runs/tiny/model                                   # embedded MP-100-style, split 1, 1-shot
+    python eval.py --model "runs/split{split}/model" --splits 1,2,3,4,5 --shots 1,5   # Table 2 (one model per split)
+    python eval.py --model runs/xsc/model --held_out_supercategory human_body        # Table 3 (cross super-category)
+    python eval.py --model DIR --dataset ap10k --protocol all                          # Table 4 (OKS AP, CLAMP protocols)
+    python eval.py --model DIR --task semantic                                         # Table 1 (naming accuracy)
+    python eval.py --model DIR --identify_then_detect false                            # Table 5 (a model trained without ItD)
+    python eval.py --model DIR --task visual+textual                                   # Table 7 (both prompts)
+    python eval.py --demo                                                              # tiny random model, inference only
 
-`--model` scores visual-prompt detection on a benchmark in MP-100 layout (the embedded one by
-default, generated if absent) with the split's fixed test episodes, and prints the model's PCK next
-to the support-copy and mean-position baselines measured on the same episodes. The paper's other
-protocols (5-split averages, AP-10K OKS AP, semantic accuracy, ablation tables) are the evaluation
-issue's work.
+Table 6 (prompt-feature extractor vs average pooling) compares two models trained with
+`train.py --prompt_feature_extractor cross_attention|avg_pool`; each result records the model's extractor.
+
+`--dataset embedded` (the default) and `--dataset mp100` read the MP-100 layout under `--data_dir`
+(`annotations/mp100_split{1..5}_{train,val,test}.json` + `images/`); `--dataset ap10k` reads
+`annotations/ap10k_{train,test}.json` (the embedded benchmark ships AP-10K-style files too). Results go
+to OUTPUT_DIR/results.json (a `summary` list the model card reads, and `details`), OUTPUT_DIR/results.md
+and pictures of sampled episodes (support with its keypoints beside the query with predictions and names).
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -19,16 +28,33 @@ from transformers import HfArgumentParser
 
 from processing.builders import build_tiny_model
 
+EMBEDDED_DATA_DIR = "data/embedded"
+DATASET_TITLES = {
+    "embedded": ("KptLLM embedded MP-100-style", "kptllm-embedded-mp100"),
+    "mp100": ("MP-100", "mp100"),
+    "ap10k": ("AP-10K", "ap10k"),
+}
+
 
 @dataclass
 class EvalArguments:
-    model: str | None = field(default=None, metadata={"help": "a KptLLM folder (train.py writes OUTPUT_DIR/model)"})
-    data_dir: str = field(default="data/embedded", metadata={"help": "benchmark in MP-100 layout (embedded: made if absent)"})
-    split: int = field(default=1, metadata={"help": "split (1-5)"})
-    shots: int = field(default=1, metadata={"help": "support shots per episode (1 or 5)"})
+    model: str | None = field(
+        default=None, metadata={"help": "a KptLLM folder (train.py writes OUTPUT_DIR/model); '{split}' in it is replaced per split"}
+    )
+    dataset: str = field(default="embedded", metadata={"help": "embedded | mp100 | ap10k"})
+    data_dir: str = field(default=EMBEDDED_DATA_DIR, metadata={"help": "benchmark folder (the embedded one is generated if absent)"})
+    task: str = field(default="visual", metadata={"help": "visual | visual+textual | semantic (mp100/embedded); ap10k: textual | semantic"})
+    splits: str = field(default="1", metadata={"help": "comma-separated MP-100 splits; several need a '{split}' model path"})
+    shots: str = field(default="1", metadata={"help": "comma-separated support shots, e.g. 1,5"})
+    held_out_supercategory: str | None = field(
+        default=None, metadata={"help": "Table 3: test on this super-category's categories (all splits' files), baselines from the rest"}
+    )
+    protocol: str = field(default="all", metadata={"help": "ap10k: a CLAMP protocol name, comma list, or 'all'"})
+    identify_then_detect: bool = field(default=True, metadata={"help": "False: the Table 5 ablation prompt (model trained that way)"})
     queries_per_category: int = field(default=5, metadata={"help": "fixed test episodes per category"})
-    limit: int | None = field(default=None, metadata={"help": "score only the first N episodes (quick runs)"})
+    limit: int | None = field(default=None, metadata={"help": "score only the first N episodes/instances (quick runs)"})
     crop_padding: float = field(default=1.25, metadata={"help": "crop side = padding x max(bbox w, h), as in training"})
+    num_pictures: int = field(default=6, metadata={"help": "episodes drawn per setting (0: none)"})
     demo: bool = field(default=False, metadata={"help": "run the tiny random-model inference demo"})
     output_dir: str = field(default="outputs/eval", metadata={"help": "where results and pictures go"})
     seed: int = field(default=0, metadata={"help": "seed of the demo's random model"})
@@ -75,38 +101,237 @@ def run_demo(args: EvalArguments) -> list[dict]:
     return results
 
 
-def run_visual_prompt(args: EvalArguments) -> dict:
-    from modeling_kptllm import KptLlmForKeypointComprehension, KptLlmProcessor
-    from processing.coco import load_mp100
-    from processing.embedded import ensure_embedded_benchmark
-    from processing.episodes import fixed_test_episodes
-    from processing.evaluation import evaluate_visual_prompt, markdown_table, fixed_episode_file
-    from processing.visualize import save_episode_sheet
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise SystemExit(f"{flag} is empty")
+    return values
 
-    model_dir = Path(args.model)
+
+def check_arguments(args: EvalArguments) -> None:
+    """Refuse inconsistent flags before any model or data is loaded."""
+    if args.dataset not in DATASET_TITLES:
+        raise SystemExit(f"--dataset {args.dataset!r}: expected one of {sorted(DATASET_TITLES)}")
+    tasks = ("textual", "semantic") if args.dataset == "ap10k" else ("visual", "visual+textual", "semantic")
+    if args.dataset == "ap10k" and args.task == "visual":
+        args.task = "textual"  # AP-10K's protocol is textual-prompt detection
+    if args.task not in tasks:
+        raise SystemExit(f"--task {args.task!r} is not evaluated on {args.dataset}: choose one of {tasks}")
+    splits = _int_list(args.splits, "--splits")
+    if any(split not in (1, 2, 3, 4, 5) for split in splits):
+        raise SystemExit(f"--splits must be within 1..5, got {args.splits!r}")
+    if any(shots < 1 for shots in _int_list(args.shots, "--shots")):
+        raise SystemExit(f"--shots must be positive, got {args.shots!r}")
+    if len(splits) > 1 and "{split}" not in args.model:
+        raise SystemExit(
+            "several --splits need one model per split (a split's test categories are another split's training "
+            "categories): pass --model with '{split}' in it, e.g. runs/split{split}/model"
+        )
+    if args.held_out_supercategory and len(splits) > 1:
+        raise SystemExit("--held_out_supercategory uses all categories of one split's files: pass a single --splits")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit must be at least 1, got {args.limit}")
+
+
+def load_model(model_dir: str | Path):
+    from modeling_kptllm import KptLlmForKeypointComprehension, KptLlmProcessor
+
+    model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"{model_dir} is not a KptLLM folder (no config.json)")
-    if Path(args.data_dir) == Path("data/embedded"):
-        ensure_embedded_benchmark(args.data_dir)
     model = KptLlmForKeypointComprehension.from_pretrained(model_dir).eval()
     processor = KptLlmProcessor.from_pretrained(model_dir, trust_remote_code=False)  # our own class: no remote code
-    processor.crop_padding = args.crop_padding
-    train = load_mp100(args.data_dir, args.split, "train")
-    test = load_mp100(args.data_dir, args.split, "test")
+    return model, processor
+
+
+def _without_per_category(scores: dict) -> dict:
+    return {key: value for key, value in scores.items() if key != "pck_per_category"}
+
+
+def _summary_entry(args: EvalArguments, task: str, config: str, split: str, metric: tuple[str, str, float],
+                   baselines: dict[str, float], setting: str) -> dict:
+    name, kind = DATASET_TITLES[args.dataset]
+    metric_name, metric_type, value = metric
+    return {
+        "task": task,
+        "task_type": "keypoint-detection",
+        "dataset": {"name": name, "type": kind, "split": split, "config": config},
+        "metric": {"name": metric_name, "type": metric_type, "value": value},
+        "baselines": baselines,
+        "setting": setting,
+    }
+
+
+def evaluate_mp100_setting(args: EvalArguments, split: int, shots: int, model, processor, out_dir: Path) -> dict:
+    """PCK@0.2 of one (split, shots) setting on fixed episodes, with per-category scores and pictures."""
+    from processing.coco import load_cross_supercategory, load_mp100
+    from processing.episodes import fixed_test_episodes
+    from processing.evaluation import evaluate_visual_prompt, fixed_episode_file
+    from processing.visualize import save_episode_sheet
+
+    if args.held_out_supercategory:
+        train, test = load_cross_supercategory(args.data_dir, args.held_out_supercategory, split)
+        episode_file = Path(args.output_dir) / f"episodes_{args.held_out_supercategory}_{shots}shot_{args.queries_per_category}q.json"
+    else:
+        train, test = load_mp100(args.data_dir, split, "train"), load_mp100(args.data_dir, split, "test")
+        episode_file = fixed_episode_file(args.data_dir, split, shots, args.queries_per_category)
     episodes = fixed_test_episodes(
-        test, fixed_episode_file(args.data_dir, args.split, args.shots, args.queries_per_category),
-        num_shots=args.shots, seed=0, num_queries_per_category=args.queries_per_category,
+        test, episode_file, num_shots=shots, seed=0, num_queries_per_category=args.queries_per_category
     )[: args.limit]
-    results = evaluate_visual_prompt(model, processor, test, episodes, train)
-    table = markdown_table(results, title=f"PCK@0.2, split {args.split} test, {args.shots}-shot")
-    print(table)
+    results, predictions = evaluate_visual_prompt(
+        model, processor, test, episodes, train, identify_then_detect=args.identify_then_detect, task=args.task
+    )
+    if args.num_pictures > 0:
+        shown = slice(None, None, max(1, len(episodes) // args.num_pictures))
+        save_episode_sheet(test, episodes[shown][: args.num_pictures], predictions[shown][: args.num_pictures],
+                           out_dir / f"predictions_split{split}_{shots}shot.png")
+    names = dict(zip(test["category_id"], test["category_name"]))
+    per_category = {
+        names.get(int(category), str(category)): score for category, score in results["KptLLM"]["pck_per_category"].items()
+    }
+    return {
+        "episodes": len(episodes),
+        "results": {method: _without_per_category(scores) for method, scores in results.items()},
+        "pck_per_category": per_category,
+    }
+
+
+def run_mp100(args: EvalArguments) -> dict:
+    """Tables 2, 3, 5, 7: PCK@0.2 per split and shots, averaged over splits, baselines beside."""
+    from processing.evaluation import markdown_table
+
+    out_dir = Path(args.output_dir)
+    splits, shot_list = _int_list(args.splits, "--splits"), _int_list(args.shots, "--shots")
+    details: dict = {"settings": {}}
+    summary: list[dict] = []
+    lines: list[str] = []
+    config_of_model = None
+    for split in splits:
+        model, processor = load_model(args.model.replace("{split}", str(split)))
+        processor.crop_padding = args.crop_padding
+        config_of_model = {"prompt_feature_extractor": model.config.prompt_feature_extractor}
+        for shots in shot_list:
+            setting = evaluate_mp100_setting(args, split, shots, model, processor, out_dir)
+            key = f"split{split}_{shots}shot"
+            details["settings"][key] = setting
+            title = f"PCK@0.2, split {split} test, {shots}-shot" + (
+                f", held-out super-category {args.held_out_supercategory}" if args.held_out_supercategory else "")
+            lines += [f"### {title}", "", markdown_table(setting["results"], title=title), ""]
+            lines += ["| category | KptLLM PCK@0.2 |", "|---|---|"] + [
+                f"| {name} | {100 * score:.2f} |" for name, score in sorted(setting["pck_per_category"].items())
+            ] + [""]
+    for shots in shot_list:  # the paper's headline: the mean over the evaluated splits
+        per_split = [details["settings"][f"split{split}_{shots}shot"]["results"] for split in splits]
+        methods = per_split[0].keys()
+        mean = {method: 100 * sum(r[method]["pck"] for r in per_split) / len(per_split) for method in methods}
+        details.setdefault("mean_over_splits", {})[f"{shots}shot"] = mean
+        split_label = ",".join(map(str, splits))
+        lines += [f"### PCK@0.2 mean over splits {split_label}, {shots}-shot", "", "| method | PCK@0.2 |", "|---|---|"]
+        lines += [f"| {method} | {value:.2f} |" for method, value in mean.items()] + [""]
+        keypoints = sum(r["KptLLM"]["num_keypoints"] for r in per_split)
+        task_title = "Visual+textual-prompt keypoint detection" if args.task == "visual+textual" else "Visual-prompt keypoint detection"
+        held_out = f"held-out super-category {args.held_out_supercategory}; " if args.held_out_supercategory else ""
+        summary.append(_summary_entry(
+            args, task_title, f"{shots}-shot",
+            f"split{split_label}-test" if len(splits) == 1 else f"mean of splits {split_label}",
+            ("PCK@0.2", "pck", round(mean["KptLLM"], 2)),
+            {method: round(value, 2) for method, value in mean.items() if method != "KptLLM"},
+            f"{held_out}{keypoints} keypoints; identify-then-detect {'on' if args.identify_then_detect else 'off'}; "
+            f"extractor {config_of_model['prompt_feature_extractor']}",
+        ))
+    return {"summary": summary, "details": details, "markdown": "\n".join(lines)}
+
+
+def run_ap10k(args: EvalArguments) -> dict:
+    """Table 4 (textual-prompt OKS AP under CLAMP's protocols) or Table 1-style naming accuracy on AP-10K."""
+    from processing.coco import CLAMP_PROTOCOLS
+    from processing.textual_eval import (
+        evaluate_semantic, evaluate_textual_prompt, load_clamp_protocol, naming_markdown_table, oks_markdown_table,
+    )
+
+    protocols = list(CLAMP_PROTOCOLS) if args.protocol == "all" else [p.strip() for p in args.protocol.split(",")]
+    unknown = [p for p in protocols if p not in CLAMP_PROTOCOLS]
+    if unknown:
+        raise SystemExit(f"--protocol {unknown}: expected 'all' or some of {sorted(CLAMP_PROTOCOLS)}")
+    model, processor = load_model(args.model)
+    processor.crop_padding = args.crop_padding
+    details, summary, lines = {}, [], []
+    for protocol in protocols:
+        train, test = load_clamp_protocol(args.data_dir, protocol)
+        if args.task == "semantic":
+            results = evaluate_semantic(model, processor, test, train, limit=args.limit)
+            lines += [f"### naming accuracy, {protocol}", "", naming_markdown_table(results), ""]
+            metric = ("Naming accuracy", "accuracy", round(100 * results["KptLLM"]["accuracy"], 2))
+            baselines = {m: round(100 * r["accuracy"], 2) for m, r in results.items() if m != "KptLLM"}
+            counts = f"{results['KptLLM']['num_keypoints']} keypoints"
+            task_title = "Keypoint semantic understanding"
+        else:
+            results = evaluate_textual_prompt(
+                model, processor, test, train, limit=args.limit, identify_then_detect=args.identify_then_detect
+            )
+            lines += [f"### OKS AP, {protocol}", "", oks_markdown_table(results), ""]
+            metric = ("OKS AP", "oks_ap", round(100 * results["KptLLM"]["AP"], 2))
+            baselines = {m: round(100 * r["AP"], 2) for m, r in results.items() if m != "KptLLM"}
+            counts = f"{results['KptLLM']['num_instances']} instances"
+            task_title = "Textual-prompt keypoint detection"
+        details[protocol] = results
+        summary.append(_summary_entry(args, task_title, protocol, "test", metric, baselines, f"CLAMP protocol {protocol}; {counts}"))
+    return {"summary": summary, "details": details, "markdown": "\n".join(lines)}
+
+
+def run_mp100_semantic(args: EvalArguments) -> dict:
+    """Table 1: naming accuracy on the test categories of each split, with the naming baselines."""
+    from processing.coco import load_mp100
+    from processing.textual_eval import evaluate_semantic, naming_markdown_table
+
+    details, summary, lines = {}, [], []
+    for split in _int_list(args.splits, "--splits"):
+        model, processor = load_model(args.model.replace("{split}", str(split)))
+        processor.crop_padding = args.crop_padding
+        train, test = load_mp100(args.data_dir, split, "train"), load_mp100(args.data_dir, split, "test")
+        results = evaluate_semantic(model, processor, test, train, limit=args.limit)
+        details[f"split{split}"] = results
+        lines += [f"### naming accuracy, split {split} test", "", naming_markdown_table(results), ""]
+        summary.append(_summary_entry(
+            args, "Keypoint semantic understanding", "semantic", f"split{split}-test",
+            ("Naming accuracy", "accuracy", round(100 * results["KptLLM"]["accuracy"], 2)),
+            {m: round(100 * r["accuracy"], 2) for m, r in results.items() if m != "KptLLM"},
+            f"{results['KptLLM']['num_keypoints']} keypoints",
+        ))
+    return {"summary": summary, "details": details, "markdown": "\n".join(lines)}
+
+
+def run_evaluation(args: EvalArguments) -> dict:
+    """Evaluate, print the Markdown tables and write results.json / results.md; returns the written JSON."""
+    check_arguments(args)
+    if args.dataset == "embedded" or Path(args.data_dir) == Path(EMBEDDED_DATA_DIR):
+        from processing.embedded import ensure_embedded_benchmark
+
+        if Path(args.data_dir) == Path(EMBEDDED_DATA_DIR):
+            ensure_embedded_benchmark(args.data_dir)
+    if args.dataset == "ap10k":
+        outcome = run_ap10k(args)
+    elif args.task == "semantic":
+        outcome = run_mp100_semantic(args)
+    else:
+        outcome = run_mp100(args)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scores = {method: {k: v for k, v in s.items() if k != "pck_per_category"} for method, s in results.items()}
-    (out_dir / "results.json").write_text(json.dumps({"model": str(model_dir), "episodes": len(episodes), "results": scores}, indent=2))
-    (out_dir / "results.md").write_text(table + "\n")
-    save_episode_sheet(model, processor, test, episodes[:: max(1, len(episodes) // 6)][:6], out_dir / "predictions.png")
-    return results
+    report = {
+        "model": args.model,
+        "benchmark": args.dataset,
+        "arguments": asdict(args),
+        "summary": outcome["summary"],
+        "details": outcome["details"],
+    }
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=float))
+    (out_dir / "results.md").write_text(outcome["markdown"] + "\n")
+    print(outcome["markdown"])
+    print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+    return report
 
 
 def main() -> None:
@@ -114,7 +339,7 @@ def main() -> None:
     if args.demo:
         run_demo(args)
     elif args.model:
-        run_visual_prompt(args)
+        run_evaluation(args)
     else:
         raise SystemExit("pass --model DIR (a KptLLM folder) or --demo")
 

@@ -30,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_kptllm import KptLlmForKeypointComprehension, KptLlmProcessor
 from processing.builders import apply_lora, build_smol_model, build_tiny_model, merge_lora, zero3_init_disabled
-from processing.coco import load_mp100
+from processing.coco import load_cross_supercategory, load_mp100
 from processing.collator import KeypointTrainingDataset, KptLlmDataCollator
 from processing.embedded import ensure_embedded_benchmark
 from processing.episodes import fixed_test_episodes, make_training_samples
@@ -97,6 +97,9 @@ class DataArguments:
     dataset: str = field(default="embedded", metadata={"help": "embedded (generated if absent) | mp100 (real MP-100 under --data_dir)"})
     data_dir: str = field(default="data/embedded", metadata={"help": "benchmark folder: annotations/mp100_split*_*.json + images/"})
     split: int = field(default=1, metadata={"help": "MP-100-style split (1-5)"})
+    held_out_supercategory: str | None = field(
+        default=None, metadata={"help": "Table 3: train on every category outside this super-category, test on it"}
+    )
     task_mix: str = field(default="visual=0.6,textual=0.2,semantic=0.2", metadata={"help": "task=weight,..."})
     num_shots: int = field(default=1, metadata={"help": "support shots of visual training samples"})
     identify_then_detect: bool = field(default=True, metadata={"help": "False: Table 5 ablation"})
@@ -155,6 +158,11 @@ def load_instances(data_args: DataArguments, training_args: TrainingArguments):
         annotations = data_dir / "annotations" / f"mp100_split{data_args.split}_{subset}.json"
         if not annotations.is_file():
             raise SystemExit(f"{annotations} not found: --data_dir must hold MP-100's annotations/ and images/")
+    if data_args.held_out_supercategory:
+        try:
+            return load_cross_supercategory(data_dir, data_args.held_out_supercategory, data_args.split)
+        except ValueError as error:
+            raise SystemExit(f"--held_out_supercategory: {error}") from None
     return load_mp100(data_dir, data_args.split, "train"), load_mp100(data_dir, data_args.split, "test")
 
 
@@ -193,6 +201,34 @@ def build_model(model_args: ModelArguments, keypoint_names: list[str], seed: int
         if model_args.use_lora:
             model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout)
     return model, processor
+
+
+class KptLlmTrainer(Trainer):
+    """HF `Trainer` that also logs the two parts of the loss: LM cross-entropy and the keypoint L1.
+
+    The logged parts are this process's means since the last log (the total `loss` is Trainer's own).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "keypoint_loss": []}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            for key, values in self._loss_parts.items():
+                value = outputs.get(key)
+                if value is not None:
+                    values.append(float(value.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            for key, values in self._loss_parts.items():
+                if values:
+                    logs[key] = round(sum(values) / len(values), 4)
+                values.clear()
+        super().log(logs, *args, **kwargs)
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -275,7 +311,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     logger.info("%d training samples from %d instances; %.2fM parameters, %.2fM trainable", len(train_dataset),
                 len(train_instances), sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
 
-    trainer = Trainer(
+    trainer = KptLlmTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -301,7 +337,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             test_instances, output_dir / f"test_episodes_split{data_args.split}_1shot.json", num_shots=1,
             seed=0, num_queries_per_category=data_args.eval_queries_per_category,
         )
-        results = evaluate_visual_prompt(
+        results, predictions = evaluate_visual_prompt(
             model, processor, test_instances, episodes, train_instances, identify_then_detect=data_args.identify_then_detect
         )
         table = markdown_table(results, title=f"PCK@0.2, split {data_args.split} test, 1-shot")
@@ -309,8 +345,10 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         report["episodes"] = len(episodes)
         report["results"] = {method: {k: v for k, v in scores.items() if k != "pck_per_category"} for method, scores in results.items()}
         (output_dir / "results.md").write_text(table + "\n")
-        save_episode_sheet(model, processor, test_instances, episodes[:: max(1, len(episodes) // 6)][:6], output_dir / "predictions.png")
+        shown = slice(None, None, max(1, len(episodes) // 6))
+        save_episode_sheet(test_instances, episodes[shown][:6], predictions[shown][:6], output_dir / "predictions.png")
     (output_dir / "results.json").write_text(json.dumps(report, indent=2))
+    (output_dir / "training_args.json").write_text(training_args.to_json_string())  # read by hub/model_card.py
     print(f"model folder: {model_dir}  (AutoModel.from_pretrained(..., trust_remote_code=True))")
     return report
 

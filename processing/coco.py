@@ -650,6 +650,27 @@ def load_mp100(
     )
 
 
+def load_cross_supercategory(
+    root: str | os.PathLike[str], supercategory: str, split: int = 1
+) -> tuple[Dataset, Dataset]:
+    """MP-100's cross-super-category protocol (paper Table 3): (train, test) over all 100 categories.
+
+    The split's train/val/test files together hold every category once; the test set is the
+    categories of ``supercategory``, the training set every other category.
+    """
+    from datasets import concatenate_datasets
+
+    parts = [load_mp100(root, split, subset) for subset in MP100_SUBSETS]
+    everything = concatenate_datasets(parts)
+    supercategories = sorted(set(everything["supercategory"]))
+    if supercategory not in supercategories:
+        raise ValueError(f"super-category {supercategory!r} is not in MP-100 split {split}: one of {supercategories}")
+    is_held_out = [value == supercategory for value in everything["supercategory"]]
+    test = everything.select([i for i, held_out in enumerate(is_held_out) if held_out])
+    train = everything.select([i for i, held_out in enumerate(is_held_out) if not held_out])
+    return train, test
+
+
 @overload
 def load_ap10k(
     annotation_file: str | os.PathLike[str],

@@ -57,8 +57,15 @@ def predict_episode(
     instances: Dataset,
     episode: Episode,
     identify_then_detect: bool = True,
+    task: str = "visual",
 ) -> tuple[np.ndarray, list[str | None]]:
-    """All keypoints of one query instance in one batched `detect_keypoints` call -> pixels, names."""
+    """All keypoints of one query instance in one batched `detect_keypoints` call -> pixels, names.
+
+    `task="visual+textual"` also gives each keypoint's name (Table 7): the support and the query are of
+    one category, so they share the names.
+    """
+    if task not in ("visual", "visual+textual"):
+        raise ValueError(f"task must be 'visual' or 'visual+textual' for episodes, got {task!r}")
     query = instances[episode.query_row]
     supports = [instances[row] for row in episode.support_rows]
     support_visible = np.array([s["visible"] for s in supports], dtype=bool)
@@ -70,7 +77,8 @@ def predict_episode(
         kpts=[np.asarray(s["keypoints"])[prompted] for s in supports],
         support_bbox=[s["bbox"] for s in supports],
         support_visible=support_visible[:, prompted],
-        task="visual",
+        task=task,
+        kpt_names=[supports[0]["keypoint_names"][i] for i in prompted] if task == "visual+textual" else None,
         identify_then_detect=identify_then_detect,
     ).to(model.device)
     outputs = model.detect_keypoints(**inputs)
@@ -150,6 +158,9 @@ def evaluate_baselines(
     }
 
 
+Prediction = tuple[np.ndarray, list[str | None]]  # (K, 2) pixels (NaN: not localized), names
+
+
 def evaluate_visual_prompt(
     model: KptLlmForKeypointComprehension,
     processor: KptLlmProcessor,
@@ -158,16 +169,20 @@ def evaluate_visual_prompt(
     train_instances: Dataset,
     threshold: float = 0.2,
     identify_then_detect: bool = True,
-) -> dict[str, dict]:
-    """PCK of the model and of both baselines on the same episodes."""
+    task: str = "visual",
+) -> tuple[dict[str, dict], list[Prediction]]:
+    """PCK of the model and of both baselines on the same episodes, and the model's predictions.
+
+    The predictions are returned so that pictures can be drawn without predicting again.
+    """
     results = evaluate_baselines(instances, episodes, train_instances, processor.crop_padding, threshold)
     model.eval()
-    predicted = [
-        predict_episode(model, processor, instances, e, identify_then_detect)[0]
+    predictions = [
+        predict_episode(model, processor, instances, e, identify_then_detect, task)
         for e in tqdm(episodes, desc="KptLLM episodes")
     ]
-    results["KptLLM"] = score_pck(instances, episodes, predicted, threshold)
-    return results
+    results["KptLLM"] = score_pck(instances, episodes, [points for points, _ in predictions], threshold)
+    return results, predictions
 
 
 def markdown_table(results: dict[str, dict], title: str = "PCK@0.2") -> str:

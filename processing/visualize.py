@@ -40,16 +40,21 @@ def _panel(row: dict, points: np.ndarray, labels: Sequence[str | None], truth: n
 
 
 def save_episode_sheet(
-    model, processor, instances: Dataset, episodes: Sequence[Episode], path: str | Path
+    instances: Dataset,
+    episodes: Sequence[Episode],
+    predictions: Sequence[tuple[np.ndarray, Sequence[str | None]]],
+    path: str | Path,
 ) -> Path:
-    """One row per episode: support (ground-truth names) | query (predictions, names; squares = truth)."""
-    from .evaluation import predict_episode
+    """One row per episode: support (ground-truth names) | query (predictions, names; squares = truth).
 
+    `predictions` are the model's (pixels, names) per episode, as `evaluation.evaluate_visual_prompt` returns.
+    """
+    if len(predictions) != len(episodes):
+        raise ValueError(f"{len(episodes)} episodes but {len(predictions)} predictions")
     rows = []
-    for episode in episodes:
+    for episode, (predicted, names) in zip(episodes, predictions):
         support = instances[episode.support_rows[0]]
         query = instances[episode.query_row]
-        predicted, names = predict_episode(model, processor, instances, episode)
         support_points = np.where(np.asarray(support["visible"])[:, None] > 0, np.asarray(support["keypoints"], float), np.nan)
         truth = np.where(np.asarray(query["visible"])[:, None] > 0, np.asarray(query["keypoints"], float), np.nan)
         rows.append((_panel(support, support_points, support["keypoint_names"]), _panel(query, predicted, names, truth)))

@@ -1,26 +1,121 @@
-"""eval.py: a saved model is scored next to the baselines on the same fixed episodes."""
+"""eval.py: the paper's protocols on a saved model, each number beside baselines from the same run."""
 
 import json
+import shutil
 
 import pytest
 
-from eval import EvalArguments, run_visual_prompt
+from eval import EvalArguments, run_evaluation
+from processing.coco import load_cross_supercategory, load_mp100
 
 
-def test_eval_scores_a_saved_model_beside_the_baselines(tiny, small_benchmark, tmp_path):
-    model, processor = tiny
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    args = EvalArguments(model=str(tmp_path / "model"), data_dir=str(small_benchmark), queries_per_category=1,
-                         limit=4, output_dir=str(tmp_path / "eval"))
-    results = run_visual_prompt(args)
-    assert set(results) == {"support-copy", "mean-position", "KptLLM"}
-    assert all(0.0 <= scores["pck"] <= 1.0 for scores in results.values())
-    assert len({scores["num_keypoints"] for scores in results.values()}) == 1  # the same keypoints scored
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, small_benchmark):
+    """A tiny random model whose tokenizer knows every keypoint name of the small benchmark."""
+    from processing.builders import build_tiny_model
+    from processing.coco import load_ap10k
+    from train import keypoint_vocabulary
+
+    names = keypoint_vocabulary(
+        load_mp100(small_benchmark, 1, "train"), load_mp100(small_benchmark, 1, "test"),
+        load_ap10k(small_benchmark / "annotations" / "ap10k_train.json", small_benchmark / "images"),
+    )
+    model, processor = build_tiny_model(names, seed=0)
+    folder = tmp_path_factory.mktemp("model") / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _args(saved_model, small_benchmark, tmp_path, **overrides) -> EvalArguments:
+    defaults = dict(model=str(saved_model), data_dir=str(small_benchmark), queries_per_category=1, limit=3,
+                    output_dir=str(tmp_path / "eval"), num_pictures=2)
+    return EvalArguments(**{**defaults, **overrides})
+
+
+def test_visual_prompt_pck_with_baselines_per_category_and_pictures(saved_model, small_benchmark, tmp_path):
+    report = run_evaluation(_args(saved_model, small_benchmark, tmp_path, shots="1,2"))
     written = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert written["episodes"] == 4 and (tmp_path / "eval" / "predictions.png").is_file()
+    assert written["summary"] == report["summary"] and len(report["summary"]) == 2  # 1-shot and 2-shot
+    for entry, shots in zip(report["summary"], (1, 2)):
+        assert entry["metric"]["type"] == "pck" and 0.0 <= entry["metric"]["value"] <= 100.0
+        assert set(entry["baselines"]) == {"support-copy", "mean-position"}
+        assert entry["dataset"]["config"] == f"{shots}-shot"
+        setting = report["details"]["settings"][f"split1_{shots}shot"]
+        assert setting["episodes"] == 3
+        counts = {scores["num_keypoints"] for scores in setting["results"].values()}
+        assert len(counts) == 1  # model and baselines scored on the same keypoints
+        assert setting["pck_per_category"]  # named categories
+        assert all(isinstance(name, str) for name in setting["pck_per_category"])
+        assert (tmp_path / "eval" / f"predictions_split1_{shots}shot.png").is_file()
+    markdown = (tmp_path / "eval" / "results.md").read_text()
+    assert "support-copy" in markdown and "mean over splits 1, 2-shot" in markdown
 
 
-def test_eval_refuses_a_folder_without_a_model(tmp_path):
+def test_several_splits_need_a_model_per_split_and_are_averaged(saved_model, small_benchmark, tmp_path):
+    with pytest.raises(SystemExit, match="one model per split"):
+        run_evaluation(_args(saved_model, small_benchmark, tmp_path, splits="1,2"))
+    template = str(tmp_path / "split{split}" / "model")
+    for split in (1, 2):  # the same weights stand in for two per-split models
+        shutil.copytree(saved_model, template.replace("{split}", str(split)))
+    report = run_evaluation(_args(saved_model, small_benchmark, tmp_path, splits="1,2", model=template))
+    per_split = [report["details"]["settings"][f"split{s}_1shot"]["results"]["KptLLM"]["pck"] for s in (1, 2)]
+    assert report["details"]["mean_over_splits"]["1shot"]["KptLLM"] == pytest.approx(100 * sum(per_split) / 2)
+    assert report["summary"][0]["dataset"]["split"] == "mean of splits 1,2"
+
+
+def test_cross_super_category_protocol_holds_out_whole_super_categories(saved_model, small_benchmark, tmp_path):
+    train, test = load_cross_supercategory(small_benchmark, "vehicle")
+    assert set(test["supercategory"]) == {"vehicle"} and "vehicle" not in set(train["supercategory"])
+    assert not set(train["category_id"]) & set(test["category_id"])
+    every = sum(len(load_mp100(small_benchmark, 1, subset)) for subset in ("train", "val", "test"))
+    assert len(train) + len(test) == every
+    report = run_evaluation(_args(saved_model, small_benchmark, tmp_path, held_out_supercategory="vehicle"))
+    assert "held-out super-category vehicle" in report["summary"][0]["setting"]
+    with pytest.raises(ValueError, match="not in MP-100 split 1"):
+        load_cross_supercategory(small_benchmark, "spaceship")
+
+
+def test_ap10k_oks_ap_and_naming_accuracy(saved_model, small_benchmark, tmp_path):
+    report = run_evaluation(_args(saved_model, small_benchmark, tmp_path, dataset="ap10k", protocol="all", limit=2))
+    assert {entry["metric"]["type"] for entry in report["summary"]} == {"oks_ap"}
+    assert len(report["summary"]) == 2  # both CLAMP protocols
+    assert all("mean-position" in entry["baselines"] for entry in report["summary"])
+    report = run_evaluation(_args(saved_model, small_benchmark, tmp_path, dataset="ap10k", task="semantic",
+                                  protocol="bovidae_to_canidae", limit=2))
+    (entry,) = report["summary"]
+    assert entry["metric"]["type"] == "accuracy" and set(entry["baselines"]) == {"most-frequent", "nearest-mean-position"}
+
+
+def test_semantic_naming_and_visual_textual_on_mp100(saved_model, small_benchmark, tmp_path):
+    report = run_evaluation(_args(saved_model, small_benchmark, tmp_path, task="semantic", limit=2))
+    assert report["summary"][0]["metric"]["name"] == "Naming accuracy"
+    report = run_evaluation(_args(saved_model, small_benchmark, tmp_path, task="visual+textual", num_pictures=0))
+    assert report["summary"][0]["task"] == "Visual+textual-prompt keypoint detection"
+
+
+def test_no_itd_ablation_switch_is_recorded(saved_model, small_benchmark, tmp_path):
+    report = run_evaluation(_args(saved_model, small_benchmark, tmp_path, identify_then_detect=False, num_pictures=0))
+    assert "identify-then-detect off" in report["summary"][0]["setting"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(dataset="coco"), "--dataset 'coco'"),
+        (dict(task="textual"), "is not evaluated on embedded"),
+        (dict(dataset="ap10k", task="visual+textual"), "is not evaluated on ap10k"),
+        (dict(splits="0"), "within 1..5"),
+        (dict(shots="one"), "comma-separated integers"),
+        (dict(limit=0), "at least 1"),
+        (dict(dataset="ap10k", protocol="cats_to_dogs"), "--protocol"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_message(saved_model, small_benchmark, tmp_path, overrides, message):
+    with pytest.raises(SystemExit, match=message):
+        run_evaluation(_args(saved_model, small_benchmark, tmp_path, **overrides))
+
+
+def test_eval_refuses_a_folder_without_a_model(small_benchmark, tmp_path):
     with pytest.raises(SystemExit, match="is not a KptLLM folder"):
-        run_visual_prompt(EvalArguments(model=str(tmp_path)))
+        run_evaluation(EvalArguments(model=str(tmp_path), data_dir=str(small_benchmark), output_dir=str(tmp_path / "e")))

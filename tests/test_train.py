@@ -188,6 +188,8 @@ def test_lora_checkpoints_hold_every_trained_tensor_and_the_merged_model_loads(d
     assert_merged_model(out / "model", final, init)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    for record in (r for r in log if "loss" in r):  # the loss's two parts are logged beside it
+        assert record["lm_loss"] >= 0 and record["keypoint_loss"] >= 0
 
     # a saved KptLLM folder is a starting point (the paper preset starts from converted LLaVA this way)
     again = train.main(["--model_name_or_path", str(out / "model"), *data_flags(data_dir),
