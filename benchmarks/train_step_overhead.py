@@ -229,7 +229,8 @@ def build_inputs(preset: Preset, seed: int = 0, share_crops: bool = False) -> di
         "kpt_prompt_replacement_in_llava": tokenizer.convert_ids_to_tokens(filler_id),
         "share_crops": share_crops,
         "images_encoded": {
-            "kptllm": batch["pixel_values"].shape[0] + batch["support_pixel_values"].shape[0],
+            # ours encodes identical crops once (the K rows of one instance share its query and support crops)
+            "kptllm": len(torch.unique(torch.cat([batch["pixel_values"], batch["support_pixel_values"]]).flatten(1), dim=0)),
             "llava": rows,
         },
         "vocab_size": len(tokenizer),
