@@ -705,16 +705,11 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         lengths = attention_mask.bool().sum(-1)  # (B,)
         embed_tokens, decoder = self.get_input_embeddings(), self.get_decoder()
 
-        # one vision-tower call: the query crop and the support crops, unless they are the query crop
-        # itself (the semantic task), which is then encoded once and serves both
+        # one vision-tower call for the query crop and the support crops (`_encode_images` encodes a
+        # support crop that is the query crop itself, as in the semantic task, only once)
         self._check_pixel_values(pixel_values, "pixel_values")
-        support_is_query = (
-            support_pixel_values is not None
-            and support_pixel_values.shape == pixel_values.shape
-            and torch.equal(support_pixel_values.to(pixel_values.device), pixel_values)
-        )
         images = [pixel_values]
-        if support_pixel_values is not None and not support_is_query:
+        if support_pixel_values is not None:
             self._check_pixel_values(support_pixel_values, "support_pixel_values")
             images.append(support_pixel_values.to(pixel_values.device))
         vision_features = self._encode_images(torch.cat(images))  # (1 [+ S], h*w, D_v)
@@ -740,7 +735,7 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         suffix_ids = input_ids[:, length - suffix_width :].masked_fill(~suffix_mask, pad_id)  # (B, S)
         suffix_embeds = embed_tokens(suffix_ids)  # (B, S, D_llm)
         if support_pixel_values is not None:
-            support_features = vision_features[:1] if support_is_query else vision_features[1:]  # (S_shots, h*w, D_v)
+            support_features = vision_features[1:]  # (S_shots, h*w, D_v)
             prompt_features = self.get_prompt_features(support_features, prompt_coords, prompt_visible)
             suffix_embeds = self._scatter_placeholders(
                 suffix_embeds, suffix_ids, self.config.kpt_prompt_token_id, prompt_features, "Keypoint prompt"
