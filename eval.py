@@ -307,11 +307,10 @@ def run_mp100_semantic(args: EvalArguments) -> dict:
 def run_evaluation(args: EvalArguments) -> dict:
     """Evaluate, print the Markdown tables and write results.json / results.md; returns the written JSON."""
     check_arguments(args)
-    if args.dataset == "embedded" or Path(args.data_dir) == Path(EMBEDDED_DATA_DIR):
+    if Path(args.data_dir) == Path(EMBEDDED_DATA_DIR):  # generated if absent (MP-100- and AP-10K-style files)
         from processing.embedded import ensure_embedded_benchmark
 
-        if Path(args.data_dir) == Path(EMBEDDED_DATA_DIR):
-            ensure_embedded_benchmark(args.data_dir)
+        ensure_embedded_benchmark(args.data_dir)
     if args.dataset == "ap10k":
         outcome = run_ap10k(args)
     elif args.task == "semantic":
