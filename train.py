@@ -102,6 +102,11 @@ class DataArguments:
     )
     task_mix: str = field(default="visual=0.6,textual=0.2,semantic=0.2", metadata={"help": "task=weight,..."})
     num_shots: int = field(default=1, metadata={"help": "support shots of visual training samples"})
+    group_by_instance: bool = field(
+        default=True,
+        metadata={"help": "consecutive rows = the keypoints of one instance with one support draw: each crop is encoded "
+                          "once per batch (rows are then not reshuffled by the Trainer)"},
+    )
     identify_then_detect: bool = field(default=True, metadata={"help": "False: Table 5 ablation"})
     crop_padding: float = field(default=1.25, metadata={"help": "crop side = padding x max(bbox w, h)"})
     eval_queries_per_category: int = field(default=5, metadata={"help": "test episodes per category (0: no evaluation)"})
@@ -304,8 +309,11 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     model, processor = build_model(model_args, keypoint_vocabulary(train_instances, test_instances), training_args.seed)
     processor.crop_padding = data_args.crop_padding
     samples = make_training_samples(
-        train_instances, parse_task_mix(data_args.task_mix), num_shots=data_args.num_shots, seed=training_args.seed
+        train_instances, parse_task_mix(data_args.task_mix), num_shots=data_args.num_shots, seed=training_args.seed,
+        group_by_instance=data_args.group_by_instance,
     )
+    if data_args.group_by_instance:
+        training_args.train_sampling_strategy = "sequential"  # the samples are shuffled by instance already
     train_dataset = KeypointTrainingDataset(train_instances, samples, processor, data_args.identify_then_detect)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%d training samples from %d instances; %.2fM parameters, %.2fM trainable", len(train_dataset),

@@ -383,6 +383,7 @@ def make_training_samples(
     num_shots: int = 1,
     seed: int = 0,
     samples_per_epoch: int | None = None,
+    group_by_instance: bool = False,
 ) -> Dataset:
     """One epoch of training samples, each ONE (query instance, keypoint) pair with a task.
 
@@ -403,9 +404,15 @@ def make_training_samples(
     the mix; if that part is empty the pair is dropped. Both are logged, along with the realised
     task counts, so a skew of the mix is visible.
 
+        group_by_instance: keep the visible keypoints of one query instance consecutive, with ONE
+            support draw for all of them (uniform over the category, as in a test episode; a
+            keypoint no support shows gets a non-visual task). Batches then repeat few query and
+            support crops, which the model encodes once each; train without reshuffling the rows
+            (``TrainingArguments(train_sampling_strategy="sequential")``).
+
     Returns:
         A dataset with columns ``task``, ``query_row``, ``support_rows`` (empty for textual and
-        semantic) and ``keypoint_index``, in random order.
+        semantic) and ``keypoint_index``, in random order (instances in random order, if grouped).
     """
     mix = validate_task_mix(task_mix)
     _check_positive_int(num_shots, "num_shots")
@@ -437,6 +444,8 @@ def make_training_samples(
                     per_keypoint.setdefault(k, []).append(position)
 
     rng = random.Random(f"kptllm-training/{seed}")
+    if group_by_instance:
+        return _instance_grouped_samples(index, visible, position_in_category, mix, num_shots, rng, samples_per_epoch, seed)
     if samples_per_epoch is None:
         selected = _shuffled(rng, pairs)
     else:
@@ -489,7 +498,55 @@ def make_training_samples(
     return Dataset.from_dict(columns, features=TRAINING_SAMPLE_FEATURES)
 
 
-def _shuffled(rng: random.Random, items: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+def _instance_grouped_samples(
+    index: _CategoryIndex,
+    visible: list[list[int]],
+    position_in_category: dict[int, int],
+    mix: dict[str, float],
+    num_shots: int,
+    rng: random.Random,
+    samples_per_epoch: int | None,
+    seed: int,
+) -> Dataset:
+    """`make_training_samples(group_by_instance=True)`: instances in random order, each with its
+    visible keypoints (in random order) and one support draw shared by its visual samples."""
+    non_visual = {task: weight for task, weight in mix.items() if task not in VISUAL_TASKS}
+    instances = [row for row in range(len(visible)) if any(visible[row])]
+    total = sum(sum(1 for flag in visible[row] if flag) for row in instances)
+    wanted = total if samples_per_epoch is None else samples_per_epoch
+    columns: dict[str, list[Any]] = {name: [] for name in TRAINING_SAMPLE_FEATURES}
+    dropped = 0
+    while instances and len(columns["task"]) < wanted:
+        made_before = len(columns["task"])
+        for row in _shuffled(rng, instances):
+            rows = index.rows_by_category[index.category_ids[row]]
+            supports: list[int] = []
+            if VISUAL_TASKS & set(mix) and len(rows) >= num_shots + 1:
+                positions = _sample_positions(rng, len(rows), num_shots, [position_in_category[row]])
+                supports = [rows[p] for p in positions]
+            for k in _shuffled(rng, [k for k, flag in enumerate(visible[row]) if flag]):
+                shown = any(visible[support][k] for support in supports)
+                if not shown and not non_visual:
+                    dropped += 1
+                    continue
+                task = _draw_task(rng, mix if shown else non_visual)
+                columns["task"].append(task)
+                columns["query_row"].append(row)
+                columns["support_rows"].append(supports if task in VISUAL_TASKS else [])
+                columns["keypoint_index"].append(k)
+            if len(columns["task"]) >= wanted:
+                break
+        if samples_per_epoch is None or len(columns["task"]) == made_before:
+            break  # one epoch, or a pass that could make no sample at all
+    columns = {name: values[:wanted] for name, values in columns.items()}
+    if dropped:
+        logger.warning("%d keypoints were shown by no support of their instance's draw and the mix has no non-visual task: dropped", dropped)
+    counts = {task: columns["task"].count(task) for task in mix}
+    logger.info("Made %d instance-grouped training samples (seed %d): %s", len(columns["task"]), seed, counts)
+    return Dataset.from_dict(columns, features=TRAINING_SAMPLE_FEATURES)
+
+
+def _shuffled(rng: random.Random, items: Sequence[Any]) -> list[Any]:
     """Fisher–Yates shuffle driven by ``rng.random()`` only (see the module docstring)."""
     result = list(items)
     for i in range(len(result) - 1, 0, -1):

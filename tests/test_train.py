@@ -19,6 +19,7 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 import train
 from processing.builders import FULLY_TRAINED_MODULES, LLM_LORA_TARGET_MODULES, apply_lora, build_tiny_model
@@ -180,8 +181,15 @@ def test_lora_targets_llm_linears_and_trains_the_rest_fully():
 def test_lora_checkpoints_hold_every_trained_tensor_and_the_merged_model_loads(data_dir, tmp_path):
     out = tmp_path / "run"
     argv = [*data_flags(data_dir), "--output_dir", str(out), *SMALL, *LORA]
-    report = train.main([*argv, "--max_steps", "4", "--save_steps", "2"])
+    seen = {}
+
+    class RecordSampling(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            seen["strategy"] = args.train_sampling_strategy
+
+    report = train.main([*argv, "--max_steps", "4", "--save_steps", "2"], callbacks=[RecordSampling()])
     assert report["global_step"] == 4
+    assert seen["strategy"] == "sequential"  # instance-grouped samples (the default) are not reshuffled
     init = initial_model(argv)
     assert_lora_checkpoint(out / "checkpoint-2", init)
     final = assert_lora_checkpoint(out / "checkpoint-4", init)

@@ -347,3 +347,47 @@ def test_validate_task_mix_normalises() -> None:
         "visual": 0.75,
         "semantic": 0.25,
     }
+
+
+@pytest.mark.parametrize("num_shots", [1, 3])
+def test_instance_grouped_samples_keep_an_instance_together_with_one_support_draw(num_shots: int) -> None:
+    hidden = {1000 + i: [0] for i in range(2, 8)} | {2001: [1, 2]}
+    dataset = make_dataset({1: 8, 2: 7}, hidden)
+    categories = dataset["category_id"][:]
+    visible = dataset["visible"][:]
+    samples = make_training_samples(dataset, DEFAULT_TASK_MIX, num_shots=num_shots, seed=3, group_by_instance=True)
+    # every visible (instance, keypoint) pair once per epoch, as without grouping
+    expected = {(row, k) for row, flags in enumerate(visible) for k, flag in enumerate(flags) if flag}
+    pairs = list(zip(samples["query_row"][:], samples["keypoint_index"][:], strict=True))
+    assert len(pairs) == len(expected) and set(pairs) == expected
+    # one contiguous run per instance, sharing one support draw
+    runs = [row for i, row in enumerate(samples["query_row"][:]) if i == 0 or samples["query_row"][i - 1] != row]
+    assert len(runs) == len(set(runs)) == len(dataset)
+    draws: dict[int, set[tuple[int, ...]]] = {}
+    for sample in samples:
+        query, supports, k = sample["query_row"], sample["support_rows"], sample["keypoint_index"]
+        if "visual" not in sample["task"]:
+            assert supports == []
+            continue
+        draws.setdefault(query, set()).add(tuple(supports))
+        assert len(supports) == len(set(supports)) == num_shots and query not in supports
+        assert {categories[r] for r in supports} == {categories[query]}
+        assert any(visible[r][k] for r in supports)  # visual only where a support shows the keypoint
+    assert all(len(draw) == 1 for draw in draws.values())
+    assert set(samples["task"][:]) == set(DEFAULT_TASK_MIX)
+    # deterministic, and samples_per_epoch cycles through reshuffled instances
+    again = make_training_samples(dataset, DEFAULT_TASK_MIX, num_shots=num_shots, seed=3, group_by_instance=True)
+    assert again.to_dict() == samples.to_dict()
+    longer = make_training_samples(dataset, DEFAULT_TASK_MIX, num_shots=num_shots, seed=3, group_by_instance=True,
+                                   samples_per_epoch=2 * len(samples) + 5)
+    assert len(longer) == 2 * len(samples) + 5
+
+
+def test_instance_grouped_samples_without_a_fallback_task_drop_unshown_keypoints() -> None:
+    dataset = make_dataset({1: 2}, {1001: [0]})  # keypoint 0 of 1000 is shown by no other instance
+    samples = make_training_samples(dataset, {"visual": 1.0}, seed=0, group_by_instance=True)
+    assert (0, 0) not in set(zip(samples["query_row"][:], samples["keypoint_index"][:]))
+    assert set(samples["task"][:]) == {"visual"}
+    # a pass that can make no sample ends instead of looping forever
+    single = make_dataset({1: 1})
+    assert len(make_training_samples(single, {"visual": 1.0}, seed=0, group_by_instance=True, samples_per_epoch=10)) == 0
