@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditional
 from hub.convert_llava import KEY_MAPPING, NEW_MODULES, ConversionError, convert_llava, main, map_key
 from modeling_kptllm import KptLlmForKeypointComprehension, KptLlmProcessor
 from processing.builders import template_corpus
-from tests.helpers import KEYPOINT_NAMES, random_image
+from tests.helpers import KEYPOINT_NAMES, random_image, run_without_repo
 
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 # not CLIP's defaults, so that the test sees them carried over rather than re-created
@@ -294,17 +291,6 @@ def test_dtype_option_casts_every_weight(llava, tmp_path):
 
 LOADER = textwrap.dedent(
     """
-    import sys
-
-    class BlockRepo:
-        # only the converted folder's remote code may be used, not the repo's packages
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_kptllm", "processing", "tests", "hub"):
-                raise ImportError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, BlockRepo())
-    sys.path = [p for p in sys.path if p not in ("", ".")]
-
     import torch
     from PIL import Image
     from safetensors.torch import save_file
@@ -335,12 +321,7 @@ def test_converted_folder_loads_with_remote_code_offline_and_detects(converted, 
     query, support = random_image(80, 60, 1), random_image(50, 70, 2)
     query.save(tmp_path / "query.png")
     support.save(tmp_path / "support.png")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-c", LOADER, str(out), str(tmp_path / "query.png"), str(tmp_path / "support.png"), str(tmp_path / "det.safetensors")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = run_without_repo(LOADER, [str(out), str(tmp_path / "query.png"), str(tmp_path / "support.png"), str(tmp_path / "det.safetensors")], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
 
     loaded = load_file(tmp_path / "det.safetensors")

@@ -1,10 +1,7 @@
 """hub.export: the exact Hub folder, its checks, the dry run and the push (with a fake HfApi)."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +22,7 @@ from hub.export import (
     main,
     push_folder,
 )
-from tests.helpers import random_image
+from tests.helpers import random_image, run_without_repo
 
 EVAL_REPORT = {
     "model": "runs/tiny/model",
@@ -98,16 +95,6 @@ def test_export_writes_exactly_the_hub_folder(exported, model_folder):
 
 LOADER = textwrap.dedent(
     """
-    import sys
-
-    class BlockRepo:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_kptllm", "processing", "tests", "hub"):
-                raise ImportError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, BlockRepo())
-    sys.path = [p for p in sys.path if p not in ("", ".")]
-
     import torch
     from PIL import Image
     from safetensors.torch import save_file
@@ -134,12 +121,7 @@ def test_exported_folder_loads_offline_without_the_repo_with_the_same_logits(exp
     query, support = random_image(80, 60, 1), random_image(50, 70, 2)
     query.save(tmp_path / "query.png")
     support.save(tmp_path / "support.png")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
-    result = subprocess.run(
-        [sys.executable, "-c", LOADER, str(exported), str(tmp_path / "query.png"), str(tmp_path / "support.png"), str(tmp_path / "out.safetensors")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = run_without_repo(LOADER, [str(exported), str(tmp_path / "query.png"), str(tmp_path / "support.png"), str(tmp_path / "out.safetensors")], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
 
     loaded = load_file(tmp_path / "out.safetensors")

@@ -2,10 +2,7 @@
 
 import copy
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from hub.model_card import (
     parse_eval_report,
     set_card_revision,
 )
-from tests.helpers import random_image
+from tests.helpers import random_image, run_without_repo
 
 REPORT = {
     "model": "runs/tiny/model",
@@ -214,15 +211,6 @@ def test_revision_is_a_placeholder_until_pinned(model_folder):
 
 SNIPPET_RUNNER = textwrap.dedent(
     """
-    import sys
-
-    class BlockRepo:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_kptllm", "processing", "tests", "hub"):
-                raise ImportError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, BlockRepo())
-    sys.path = [p for p in sys.path if p not in ("", ".")]
     exec(compile(open(sys.argv[1]).read(), "model-card-snippet", "exec"), {"__name__": "__main__"})
     """
 )
@@ -241,10 +229,7 @@ def test_card_usage_snippet_runs_against_the_exported_folder(model_folder, tmp_p
     random_image(80, 60, 1).save(tmp_path / "query.jpg")
     random_image(96, 80, 2).save(tmp_path / "support.jpg")
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
-    result = subprocess.run([sys.executable, "-c", SNIPPET_RUNNER, str(tmp_path / "snippet.py")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = run_without_repo(SNIPPET_RUNNER, [str(tmp_path / "snippet.py")], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     printed = result.stdout.splitlines()
     # visual: one dict per support keypoint; textual: a list of two; semantic: a list of one name

@@ -1,30 +1,16 @@
 """save_pretrained -> AutoModel/AutoProcessor(trust_remote_code=True) in a process that cannot import the repo."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import random_image
+from tests.helpers import random_image, run_without_repo
 
 LOADER = textwrap.dedent(
     """
-    import sys
-
-    class BlockRepo:
-        # the repo's packages must not be importable: only the saved folder's remote code may be used
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_kptllm", "processing", "tests"):
-                raise ImportError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, BlockRepo())
-    sys.path = [p for p in sys.path if p not in ("", ".")]
-
     import torch
     from PIL import Image
     from safetensors.torch import save_file
@@ -67,12 +53,7 @@ def test_saved_folder_loads_with_trust_remote_code_alone(tiny, tmp_path):
     query, support = random_image(80, 60, 1), random_image(50, 70, 2)
     query.save(tmp_path / "query.png")
     support.save(tmp_path / "support.png")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
-    result = subprocess.run(
-        [sys.executable, "-c", LOADER, str(folder), str(tmp_path / "query.png"), str(tmp_path / "support.png"), str(tmp_path / "out.safetensors")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = run_without_repo(LOADER, [str(folder), str(tmp_path / "query.png"), str(tmp_path / "support.png"), str(tmp_path / "out.safetensors")], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
 
     loaded = load_file(tmp_path / "out.safetensors")

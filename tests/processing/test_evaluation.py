@@ -7,7 +7,6 @@ from datasets import Dataset
 from processing.baselines import baseline_table
 from processing.episodes import Episode
 from processing.evaluation import (
-    evaluate_baselines,
     mean_position_prediction,
     mean_positions,
     score_pck,
