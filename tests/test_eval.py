@@ -119,3 +119,17 @@ def test_bad_arguments_are_refused_with_a_message(saved_model, small_benchmark, 
 def test_eval_refuses_a_folder_without_a_model(small_benchmark, tmp_path):
     with pytest.raises(SystemExit, match="is not a KptLLM folder"):
         run_evaluation(EvalArguments(model=str(tmp_path), data_dir=str(small_benchmark), output_dir=str(tmp_path / "e")))
+
+
+def test_the_written_results_feed_the_model_card(saved_model, small_benchmark, tmp_path):
+    """eval.py's results.json is what hub/model_card.py reads: the two must agree on the schema."""
+    from huggingface_hub import ModelCard
+
+    from hub.model_card import build_model_card, load_eval_report
+
+    run_evaluation(_args(saved_model, small_benchmark, tmp_path, shots="1,2", num_pictures=0))
+    report = load_eval_report(tmp_path / "eval" / "results.json")
+    card = ModelCard(str(build_model_card(report, saved_model, "someone/kptllm-tiny")))
+    results = card.data.to_dict()["model-index"][0]["results"]
+    written = json.loads((tmp_path / "eval" / "results.json").read_text())["summary"]
+    assert [r["metrics"][0]["value"] for r in results] == [entry["metric"]["value"] for entry in written]
