@@ -23,6 +23,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from peft import get_peft_model
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -216,7 +217,7 @@ class KptLlmTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "keypoint_loss": []}
+        self._loss_parts: dict[str, list[torch.Tensor]] = {"lm_loss": [], "keypoint_loss": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -224,14 +225,14 @@ class KptLlmTrainer(Trainer):
             for key, values in self._loss_parts.items():
                 value = outputs.get(key)
                 if value is not None:
-                    values.append(float(value.detach()))
+                    values.append(value.detach())  # no .item() here: that would sync a GPU every step
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             for key, values in self._loss_parts.items():
                 if values:
-                    logs[key] = round(sum(values) / len(values), 4)
+                    logs[key] = round(torch.stack(values).float().mean().item(), 4)
                 values.clear()
         super().log(logs, *args, **kwargs)
 
