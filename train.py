@@ -36,6 +36,7 @@ from processing.collator import KeypointTrainingDataset, KptLlmDataCollator
 from processing.embedded import ensure_embedded_benchmark
 from processing.episodes import fixed_test_episodes, make_training_samples
 from processing.evaluation import evaluate_visual_prompt, markdown_table
+from processing.vision_pretraining import pretrain_vision_modules
 from processing.visualize import save_episode_sheet
 
 logger = logging.getLogger("train")
@@ -48,6 +49,7 @@ PRESETS: dict[str, list[str]] = {
         "--learning_rate", "1e-3", "--weight_decay", "0", "--lr_scheduler_type", "cosine", "--warmup_steps", "50",
         "--logging_steps", "25", "--save_steps", "250", "--save_total_limit", "2", "--report_to", "none",
         "--use_cpu", "true", "--dataloader_num_workers", "0", "--remove_unused_columns", "false", "--seed", "0",
+        "--vision_pretraining_steps", "800",
     ],
     # pretrained SmolLM2-135M-Instruct (LoRA) + a small random CLIP tower (trained fully); CPU or one GPU
     "smol": [
@@ -57,6 +59,7 @@ PRESETS: dict[str, list[str]] = {
         "--dataloader_num_workers", "0", "--remove_unused_columns", "false", "--seed", "0",
         "--use_lora", "true", "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0.05",
         "--image_size", "64", "--patch_size", "8", "--vision_hidden_size", "128", "--vision_layers", "4",
+        "--vision_pretraining_steps", "800",
     ],
     # paper §4.1.3: LLaVA-1.5-7B (CLIP ViT-L/14-336 + Vicuna-7B, the default KptLlmConfig), LoRA r=128
     # α=256 on every LLM Linear, AdamW lr 2e-4, wd 0, batch 16/GPU (× 8 GPUs), DeepSpeed, bf16.
@@ -87,6 +90,11 @@ class ModelArguments:
     vision_layers: int = field(default=3, metadata={"help": "tiny preset: vision depth"})
     text_hidden_size: int = field(default=128, metadata={"help": "tiny preset: LLM width"})
     text_layers: int = field(default=4, metadata={"help": "tiny preset: LLM depth"})
+    vision_pretraining_steps: int = field(
+        default=0,
+        metadata={"help": "stage 0 for a random vision tower (tiny/smol): steps of keypoint naming on the training "
+                          "images before KptLLM training (processing/vision_pretraining.py); 0 skips it"},
+    )
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the LLM, everything else trained fully (smol/paper: on)"})
     lora_r: int = field(default=128, metadata={"help": "LoRA rank (paper: 128)"})
     lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha (paper: 256)"})
@@ -315,6 +323,15 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     )
     if data_args.group_by_instance:
         training_args.train_sampling_strategy = "sequential"  # the samples are shuffled by instance already
+    if model_args.vision_pretraining_steps > 0 and resume_from is None:  # a checkpoint holds the stage-0 weights
+        if model_args.model_name_or_path:
+            raise SystemExit("--vision_pretraining_steps is for randomly initialised towers; pass 0 with --model_name_or_path")
+        if training_args.world_size > 1:
+            raise SystemExit("--vision_pretraining_steps runs in one process; pass 0 under a multi-process launch")
+        pretrain_vision_modules(
+            model, processor, train_instances, keypoint_vocabulary(train_instances, test_instances), output_dir,
+            steps=model_args.vision_pretraining_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
+        )
     train_dataset = KeypointTrainingDataset(train_instances, samples, processor, data_args.identify_then_detect)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%d training samples from %d instances; %.2fM parameters, %.2fM trainable", len(train_dataset),

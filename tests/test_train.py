@@ -33,6 +33,7 @@ SMALL = [
     "--per_device_train_batch_size", "2", "--logging_steps", "1", "--warmup_steps", "0",
     "--image_size", "32", "--patch_size", "8", "--vision_hidden_size", "32", "--vision_layers", "2",
     "--text_hidden_size", "32", "--text_layers", "2", "--eval_queries_per_category", "0",
+    "--vision_pretraining_steps", "0",
 ]
 LORA = ["--use_lora", "true", "--lora_r", "4", "--lora_alpha", "8"]
 
@@ -122,6 +123,7 @@ def free_port() -> int:
 def test_presets_parse_into_the_paper_recipe():
     model_args, _, training_args = train.parse_arguments([])
     assert model_args.preset == "tiny" and not model_args.use_lora
+    assert model_args.vision_pretraining_steps > 0  # random tower: stage 0 first
 
     model_args, _, training_args = train.parse_arguments(["--preset", "smol", "--output_dir", "x"])
     assert model_args.use_lora and training_args.output_dir == "x"
@@ -133,6 +135,7 @@ def test_presets_parse_into_the_paper_recipe():
     try:  # --use_cpu: bf16 is refused on a machine without a GPU
         model_args, _, args = train.parse_arguments(["--preset", "paper", "--model_name_or_path", "llava", "--use_cpu", "true"])
         assert (model_args.use_lora, model_args.lora_r, model_args.lora_alpha) == (True, 128, 256)
+        assert model_args.vision_pretraining_steps == 0  # the paper's CLIP is pretrained
         assert (args.learning_rate, args.weight_decay, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2e-4, 0, 16, 1)
         assert args.bf16 and args.activation_checkpointing and args.optim.startswith("adamw")
         assert Path(args.deepspeed) == REPO / "configs" / "deepspeed" / "zero2.json"
@@ -203,6 +206,26 @@ def test_lora_checkpoints_hold_every_trained_tensor_and_the_merged_model_loads(d
     again = train.main(["--model_name_or_path", str(out / "model"), *data_flags(data_dir),
                         "--output_dir", str(tmp_path / "again"), *SMALL, "--max_steps", "1", "--save_steps", "1"])
     assert again["global_step"] == 1 and (tmp_path / "again" / "model" / "model.safetensors").exists()
+
+
+def test_stage0_runs_once_before_training_not_on_resume(data_dir, tmp_path, monkeypatch):
+    steps_run = []
+    pretrain = train.pretrain_vision_modules
+
+    def recording(*args, **kwargs):
+        steps_run.append(kwargs["steps"])
+        return pretrain(*args, **kwargs)
+
+    monkeypatch.setattr(train, "pretrain_vision_modules", recording)
+    out = tmp_path / "run"
+    argv = [*data_flags(data_dir), "--output_dir", str(out), *SMALL, "--vision_pretraining_steps", "2", "--save_steps", "1"]
+    train.main([*argv, "--max_steps", "1"])
+    assert steps_run == [2]
+    report = train.main([*argv, "--max_steps", "2", "--resume"])  # the checkpoint holds the stage-0 weights
+    assert steps_run == [2] and report["global_step"] == 2
+    with pytest.raises(SystemExit, match="randomly initialised towers"):
+        train.main(["--model_name_or_path", str(out / "model"), *argv[:-4], "--output_dir", str(tmp_path / "other"),
+                    "--vision_pretraining_steps", "2", "--max_steps", "1"])
 
 
 def test_mp100_flag_needs_a_dataset(tmp_path):
@@ -320,7 +343,7 @@ def test_smol_preset_trains_lora_and_full_modules_only(data_dir, tmp_path):
         ["--preset", "smol", *data_flags(data_dir), "--output_dir", str(out), "--use_cpu", "true",
          "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1",
          "--warmup_steps", "0", "--image_size", "32", "--vision_hidden_size", "32", "--vision_layers", "2",
-         "--eval_queries_per_category", "0"],
+         "--eval_queries_per_category", "0", "--vision_pretraining_steps", "2"],  # stage 0 through the LoRA wrapper
         callbacks=[snapshot],
     )
     assert report["global_step"] == 2
