@@ -94,7 +94,8 @@ class ModelArguments:
     vision_pretraining_steps: int = field(
         default=0,
         metadata={"help": "stage 0 for a random vision tower (tiny/smol): steps of keypoint naming on the training "
-                          "images before KptLLM training (processing/vision_pretraining.py); 0 skips it"},
+                          "images before KptLLM training (processing/vision_pretraining.py); 0 skips it, as do "
+                          "--model_name_or_path and --resume"},
     )
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the LLM, everything else trained fully (smol/paper: on)"})
     lora_r: int = field(default=128, metadata={"help": "LoRA rank (paper: 128)"})
@@ -143,6 +144,8 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=PRESETS[preset] + argv)
     if data_args.dataset not in ("embedded", "mp100"):
         raise SystemExit(f"--dataset {data_args.dataset!r}: expected 'embedded' or 'mp100'")
+    if model_args.vision_pretraining_steps > 0 and training_args.world_size > 1:
+        raise SystemExit("--vision_pretraining_steps runs in one process; pass 0 under a multi-process launch")
     return model_args, data_args, training_args
 
 
@@ -324,13 +327,10 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     )
     if data_args.group_by_instance:
         training_args.train_sampling_strategy = "sequential"  # the samples are shuffled by instance already
-    if model_args.vision_pretraining_steps > 0 and resume_from is None:  # a checkpoint holds the stage-0 weights
-        if model_args.model_name_or_path:
-            raise SystemExit("--vision_pretraining_steps is for randomly initialised towers; pass 0 with --model_name_or_path")
-        if training_args.world_size > 1:
-            raise SystemExit("--vision_pretraining_steps runs in one process; pass 0 under a multi-process launch")
+    # stage 0 is for a random tower: a saved model has been through it (or is pretrained), a checkpoint holds its weights
+    if model_args.vision_pretraining_steps > 0 and not model_args.model_name_or_path and resume_from is None:
         pretrain_vision_modules(
-            model, processor, train_instances, keypoint_vocabulary(train_instances, test_instances), output_dir,
+            model, processor, train_instances, keypoint_vocabulary(train_instances), output_dir,
             steps=model_args.vision_pretraining_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
         )
     train_dataset = KeypointTrainingDataset(train_instances, samples, processor, data_args.identify_then_detect)

@@ -72,7 +72,7 @@ def test_stage0_trains_the_kptllm_modules_in_place_and_leaves_the_llm_alone(inst
     naming = KeypointNamingModel(model, num_names=len(_name_ids(instances)))
     assert naming.vision_tower is model.vision_tower  # shared, so stage 0 trains KptLLM's own tower
     before = copy.deepcopy(model.state_dict())
-    log = pretrain_vision_modules(model, processor, instances, keypoint_vocabulary(instances), tmp_path, steps=12, batch_size=8)
+    log = pretrain_vision_modules(model, processor, instances, keypoint_vocabulary(instances), tmp_path, steps=12, batch_size=8, use_cpu=True)
     losses = [entry["loss"] for entry in log if "loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     after = model.state_dict()
