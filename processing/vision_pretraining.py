@@ -17,7 +17,7 @@ pretraining. The classifier is discarded afterwards; KptLLM training then starts
 
 Measured (split 1, 2 cores): 800 steps of batch 32 take ~3.7 min; the stage's classifier then names
 51% of the keypoints of 400 instances of the unseen test categories through the prompt feature
-extractor (47% after 400 steps, 38% after 100), and `python
+extractor (47% after 400 steps, 36% after 100), and `python
 train.py` (stage 0 + 1500 KptLLM steps) names 27.3% of the 5,398 test keypoints against 4.4% for the
 most frequent training name (`eval.py --task semantic`; 4.97% vs 6.06% without stage 0).
 """
