@@ -123,6 +123,8 @@ class KeypointNamingModel(nn.Module):
         if self.drop_cls:
             features = features[:, 1:]  # (B, h*w, D)
         mask = labels != -100  # (B, K)
+        if not mask.any():  # every keypoint jittered out or invisible: nothing to learn from this batch
+            return {"loss": features.sum() * 0.0, "logits": features.new_zeros(0, self.classifier.out_features)}
         rows = mask.nonzero(as_tuple=True)[0]
         coords = keypoint_coords[mask]  # (N, 2)
         if self.prompt_feature_extractor is None:

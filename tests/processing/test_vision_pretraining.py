@@ -64,6 +64,17 @@ def test_collate_pads_keypoints_with_ignored_labels():
     assert batch["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
 
 
+def test_a_batch_without_keypoints_gives_a_zero_loss_not_nan(tiny):
+    model = copy.deepcopy(tiny[0])  # backward below must not leave gradients on the shared fixture
+    size = model.config.vision_config.image_size
+    naming = KeypointNamingModel(model, num_names=5)
+    empty = collate_keypoint_naming([{"pixel_values": torch.zeros(3, size, size), "keypoint_coords": torch.zeros(0, 2),
+                                      "labels": torch.zeros(0, dtype=torch.long)}])
+    loss = naming(**empty)["loss"]
+    assert loss.item() == 0.0
+    loss.backward()  # still part of the graph, so the Trainer's backward works
+
+
 @pytest.mark.parametrize("extractor", ["cross_attention", "avg_pool"])
 def test_stage0_trains_the_kptllm_modules_in_place_and_leaves_the_llm_alone(instances, tiny, tmp_path, extractor):
     from processing.builders import build_tiny_model
