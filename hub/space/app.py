@@ -232,6 +232,16 @@ def shown_to_user(fn: Callable) -> Callable:
     return wrapper
 
 
+def detection_results(tab: str, picture_label: str) -> tuple[gr.Image, gr.Dataframe, gr.Markdown]:
+    """The picture, table and status that a detection tab shows, side by side; ids start with `tab`."""
+    with gr.Row():
+        picture = gr.Image(format="png", label=picture_label, interactive=False, elem_id=f"{tab}-result-image")
+        with gr.Column():
+            table = gr.Dataframe(headers=TABLE_HEADERS, label="Predictions", interactive=False, elem_id=f"{tab}-result-table")
+            status = gr.Markdown(label="Status", elem_id=f"{tab}-status")
+    return picture, table, status
+
+
 def uploaded_image(**kwargs: Any) -> gr.Image:
     """gr.Image(type="filepath") that hands over the uploaded file's path unopened.
 
@@ -280,11 +290,7 @@ def build_demo(model_dir: str | None) -> gr.Blocks:
             with gr.Row():
                 clear = gr.Button("Clear keypoints", elem_id="visual-clear")
                 detect = gr.Button("Detect", variant="primary", elem_id="visual-detect")
-            with gr.Row():
-                visual_picture = gr.Image(format="png", label="Predictions on the query", interactive=False, elem_id="visual-result-image")
-                with gr.Column():
-                    visual_table = gr.Dataframe(headers=TABLE_HEADERS, label="Predictions", interactive=False, elem_id="visual-result-table")
-                    visual_status = gr.Markdown(label="Status", elem_id="visual-status")
+            visual_picture, visual_table, visual_status = detection_results("visual", "Predictions on the query")
             support_state, points_state = gr.State(None), gr.State("")  # what the click handlers read
             one_queue = {"concurrency_id": "visual-support", "concurrency_limit": 1, "api_visibility": "private"}
             support.upload(
@@ -308,11 +314,7 @@ def build_demo(model_dir: str | None) -> gr.Blocks:
                 text_query = uploaded_image(label="Query image", elem_id="textual-query")
                 names = gr.Textbox(label="Keypoint names", lines=4, placeholder="left eye, nose, tail tip", elem_id="textual-names")
             text_detect = gr.Button("Detect", variant="primary", elem_id="textual-detect")
-            with gr.Row():
-                text_picture = gr.Image(format="png", label="Predictions", interactive=False, elem_id="textual-result-image")
-                with gr.Column():
-                    text_table = gr.Dataframe(headers=TABLE_HEADERS, label="Predictions", interactive=False, elem_id="textual-result-table")
-                    text_status = gr.Markdown(label="Status", elem_id="textual-status")
+            text_picture, text_table, text_status = detection_results("textual", "Predictions")
             text_detect.click(
                 guard(service.detect_textual), [text_query, names], [text_picture, text_table, text_status], api_name="detect_textual",
                 **model_queue,
