@@ -1,15 +1,17 @@
-"""Stage 0 (keypoint naming before KptLLM training): jittered crops, padding, shared modules, Trainer run."""
+"""Stage 0 (keypoint naming and matching before KptLLM training): jittered pairs, padding, targets, shared modules."""
 
 import copy
 
 import pytest
 import torch
 
+from modeling_kptllm.modeling_kptllm import patch_centers
 from processing.coco import load_mp100
 from processing.vision_pretraining import (
-    KeypointNamingDataset,
-    KeypointNamingModel,
-    collate_keypoint_naming,
+    KeypointPairDataset,
+    VisionPretrainingModel,
+    collate_keypoint_pairs,
+    patch_targets,
     pretrain_vision_modules,
 )
 from train import keypoint_vocabulary
@@ -24,70 +26,123 @@ def _name_ids(instances) -> dict[str, int]:
     return {name: i for i, name in enumerate(keypoint_vocabulary(instances))}
 
 
-def test_items_hold_the_visible_keypoints_inside_a_fresh_jittered_crop(instances, tiny):
+def test_items_pair_two_instances_of_one_category_in_fresh_jittered_crops(instances, tiny):
     _, processor = tiny
     name_ids = _name_ids(instances)
-    dataset = KeypointNamingDataset(instances, processor, name_ids, jitter=0.15, seed=0)
+    dataset = KeypointPairDataset(instances, processor, name_ids, jitter=0.15, seed=0)
     size = processor.image_size
     row = instances[0]
+    names = [name_ids[n] for n in row["keypoint_names"]]
     first, second = dataset[0], dataset[0]
     for item in (first, second):
-        assert item["pixel_values"].shape == (3, size, size)
-        assert ((item["keypoint_coords"] >= 0) & (item["keypoint_coords"] <= 1)).all()
-        visible_names = {name_ids[n] for n, v in zip(row["keypoint_names"], row["visible"]) if v}
-        assert set(item["labels"].tolist()) <= visible_names and len(item["labels"]) == len(item["keypoint_coords"])
+        for prefix in ("", "query_"):
+            assert item[f"{prefix}pixel_values"].shape == (3, size, size)
+            assert ((item[f"{prefix}keypoint_coords"] >= 0) & (item[f"{prefix}keypoint_coords"] <= 1)).all()
+            kept = item[f"{prefix}labels"] != -100
+            assert item[f"{prefix}labels"][kept].tolist() == [n for n, k in zip(names, kept) if k]
+        support_visible = torch.tensor(row["visible"]) > 0
+        assert not (kept := item["labels"] != -100)[~support_visible].any() and kept.any()
+        assert not torch.equal(item["pixel_values"], item["query_pixel_values"])  # another instance
     assert not torch.equal(first["keypoint_coords"], second["keypoint_coords"])  # a new jitter per draw
-    # without jitter the crop is the processor's own and every visible keypoint is kept
-    still = KeypointNamingDataset(instances, processor, name_ids, jitter=0.0)[0]
-    assert len(still["labels"]) == sum(1 for v in row["visible"] if v)
+    # without jitter the support crop is the processor's own and every visible keypoint is kept
+    still = KeypointPairDataset(instances, processor, name_ids, jitter=0.0)[0]
+    assert (still["labels"] != -100).tolist() == [bool(v) for v in row["visible"]]
+
+
+def test_a_category_with_one_instance_pairs_it_with_another_jitter_of_itself(instances, tiny):
+    _, processor = tiny
+    alone = instances.select([0])
+    item = KeypointPairDataset(alone, processor, _name_ids(instances), jitter=0.15)[0]
+    assert not torch.equal(item["keypoint_coords"], item["query_keypoint_coords"])
+    assert item["labels"].shape == item["query_labels"].shape
 
 
 def test_bad_arguments_are_named(instances, tiny):
     _, processor = tiny
     with pytest.raises(ValueError, match="jitter"):
-        KeypointNamingDataset(instances, processor, _name_ids(instances), jitter=1.5)
+        KeypointPairDataset(instances, processor, _name_ids(instances), jitter=1.5)
     with pytest.raises(ValueError, match="keypoint names without an id"):
-        KeypointNamingDataset(instances, processor, {"nose": 0})
+        KeypointPairDataset(instances, processor, {"nose": 0})
     model, _ = tiny
     with pytest.raises(ValueError, match="steps"):
         pretrain_vision_modules(model, processor, instances, keypoint_vocabulary(instances), "unused", steps=0)
 
 
-def test_collate_pads_keypoints_with_ignored_labels():
-    features = [
-        {"pixel_values": torch.zeros(3, 4, 4), "keypoint_coords": torch.rand(3, 2), "labels": torch.tensor([1, 2, 3])},
-        {"pixel_values": torch.ones(3, 4, 4), "keypoint_coords": torch.rand(1, 2), "labels": torch.tensor([4])},
-    ]
-    batch = collate_keypoint_naming(features)
-    assert batch["pixel_values"].shape == (2, 3, 4, 4)
-    assert batch["keypoint_coords"].shape == (2, 3, 2)
-    assert batch["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
+def test_collate_pads_keypoints_of_both_crops_with_ignored_labels():
+    def item(count: int, fill: float) -> dict[str, torch.Tensor]:
+        labels = torch.arange(1, count + 1)
+        return {"pixel_values": torch.full((3, 4, 4), fill), "keypoint_coords": torch.rand(count, 2), "labels": labels,
+                "query_pixel_values": torch.full((3, 4, 4), -fill), "query_keypoint_coords": torch.rand(count, 2),
+                "query_labels": labels.masked_fill(labels == 1, -100)}
+
+    batch = collate_keypoint_pairs([item(3, 1.0), item(1, 2.0)])
+    assert batch["pixel_values"].shape == batch["query_pixel_values"].shape == (2, 3, 4, 4)
+    assert batch["keypoint_coords"].shape == batch["query_keypoint_coords"].shape == (2, 3, 2)
+    assert batch["labels"].tolist() == [[1, 2, 3], [1, -100, -100]]
+    assert batch["query_labels"].tolist() == [[-100, 2, 3], [-100, -100, -100]]
 
 
-def test_a_batch_without_keypoints_gives_a_zero_loss_not_nan(tiny):
+def test_patch_targets_weigh_the_nearest_patches_bilinearly():
+    grid = 4
+    centers = patch_centers(grid, "cpu")
+    on_a_center = patch_targets(centers[5:6], grid)[0]
+    assert on_a_center[5] == pytest.approx(1.0) and on_a_center.sum() == pytest.approx(1.0)
+    halfway = patch_targets(((centers[5] + centers[6]) / 2)[None], grid)[0]
+    assert halfway[5] == pytest.approx(0.5) and halfway[6] == pytest.approx(0.5)
+    corner = patch_targets(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), grid)
+    assert corner[0, 0] == pytest.approx(1.0) and corner[1, -1] == pytest.approx(1.0)  # beyond the outer centres
+
+
+def test_the_matching_loss_prefers_the_true_correspondence(tiny):
+    """With the query crop the support crop itself, the true keypoint has a lower loss than a wrong one."""
+    model = copy.deepcopy(tiny[0])
+    size = model.config.vision_config.image_size
+    pretraining = VisionPretrainingModel(model, num_names=3, position_weight=0.0)
+    torch.nn.init.zeros_(pretraining.classifier.weight)  # naming adds the same log(3) to both
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, size, size, generator=generator) * 4 - 2
+    prompt = torch.tensor([[[0.3, 0.6]]])
+    with torch.no_grad():
+        pretraining.prompt_projector.load_state_dict(pretraining.multi_modal_projector.state_dict())
+        support_tokens = model.get_prompt_features(model.get_vision_features(pixels), prompt)  # (1, D_llm)
+        query_tokens = model.get_image_features(pixels)[0]  # (h*w, D_llm)
+    similarity = torch.nn.functional.cosine_similarity(support_tokens, query_tokens)
+    best, worst = patch_centers(model.config.patch_grid_size, "cpu")[torch.stack([similarity.argmax(), similarity.argmin()])]
+
+    def loss(query_point: torch.Tensor) -> float:
+        batch = dict(pixel_values=pixels, keypoint_coords=prompt, labels=torch.tensor([[1]]), query_pixel_values=pixels,
+                     query_keypoint_coords=query_point[None, None], query_labels=torch.tensor([[1]]))
+        return pretraining(**batch)["loss"].item()
+
+    assert loss(best) < loss(worst)
+
+
+def test_a_batch_without_keypoints_gives_a_finite_loss_with_a_graph(tiny):
     model = copy.deepcopy(tiny[0])  # backward below must not leave gradients on the shared fixture
     size = model.config.vision_config.image_size
-    naming = KeypointNamingModel(model, num_names=5)
-    empty = collate_keypoint_naming([{"pixel_values": torch.zeros(3, size, size), "keypoint_coords": torch.zeros(0, 2),
-                                      "labels": torch.zeros(0, dtype=torch.long)}])
-    loss = naming(**empty)["loss"]
-    assert loss.item() == 0.0
-    loss.backward()  # still part of the graph, so the Trainer's backward works
+    pretraining = VisionPretrainingModel(model, num_names=5)
+    empty = {"pixel_values": torch.zeros(3, size, size), "keypoint_coords": torch.zeros(0, 2),
+             "labels": torch.zeros(0, dtype=torch.long)}
+    empty |= {f"query_{key}": value for key, value in empty.items()}
+    loss = pretraining(**collate_keypoint_pairs([empty]))["loss"]
+    assert torch.isfinite(loss)  # only the position probe's term
+    loss.backward()  # part of the graph, so the Trainer's backward works
 
 
 @pytest.mark.parametrize("extractor", ["cross_attention", "avg_pool"])
-def test_stage0_trains_the_kptllm_modules_in_place_and_leaves_the_llm_alone(instances, tiny, tmp_path, extractor):
+def test_stage0_trains_the_modules_before_the_llm_in_place_and_leaves_the_llm_alone(instances, tmp_path, extractor):
     from processing.builders import build_tiny_model
 
     model, processor = build_tiny_model(keypoint_vocabulary(instances), seed=0, prompt_feature_extractor=extractor)
-    naming = KeypointNamingModel(model, num_names=len(_name_ids(instances)))
-    assert naming.vision_tower is model.vision_tower  # shared, so stage 0 trains KptLLM's own tower
+    pretraining = VisionPretrainingModel(model, num_names=len(_name_ids(instances)))
+    assert pretraining.vision_tower is model.vision_tower  # shared, so stage 0 trains KptLLM's own tower
     before = copy.deepcopy(model.state_dict())
-    log = pretrain_vision_modules(model, processor, instances, keypoint_vocabulary(instances), tmp_path, steps=12, batch_size=8, use_cpu=True)
+    log = pretrain_vision_modules(model, processor, instances, keypoint_vocabulary(instances), tmp_path, steps=12, batch_size=4, use_cpu=True)
     losses = [entry["loss"] for entry in log if "loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     after = model.state_dict()
     changed = {name.split(".")[0] for name in after if not torch.equal(after[name], before[name])}
-    expected = {"vision_tower"} | ({"prompt_encoder", "prompt_feature_extractor"} if extractor == "cross_attention" else set())
+    expected = {"vision_tower", "multi_modal_projector", "prompt_projector"}
+    expected |= {"prompt_encoder", "prompt_feature_extractor"} if extractor == "cross_attention" else set()
     assert changed == expected
     assert not list((tmp_path / "vision_pretraining").glob("checkpoint-*"))  # nothing to resume: no checkpoints
