@@ -42,6 +42,8 @@ class KptLlmOutput(ModelOutput):
     pred_keypoints: (B, 2) normalized (x, y) regressed at each row's `<keypoint>` token; NaN for rows
         without one.
     cache: the language model's key/value cache.
+    attentions: with `output_attentions=True` (eager attention), the LLM's (B, heads, L, L) attention
+        weights, one per layer.
     """
 
     loss: torch.FloatTensor | None = None
@@ -50,6 +52,7 @@ class KptLlmOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     pred_keypoints: torch.FloatTensor | None = None
     cache: Cache | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -547,6 +550,7 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
             logits=logits,
             pred_keypoints=pred_keypoints,
             cache=outputs.cache if use_cache else None,
+            attentions=outputs.attentions,
         )
 
     def prepare_inputs_for_generation(self, *args, **kwargs):

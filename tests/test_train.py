@@ -208,6 +208,27 @@ def test_lora_checkpoints_hold_every_trained_tensor_and_the_merged_model_loads(d
     assert again["global_step"] == 1 and (tmp_path / "again" / "model" / "model.safetensors").exists()
 
 
+def test_keypoint_attention_loss_rewards_looking_at_the_target_patch():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(keypoint_token_id=7, image_token_id=5, patch_grid_size=2)
+    input_ids = torch.tensor([[1, 5, 5, 5, 5, 9, 7], [1, 5, 5, 5, 5, 9, 2]])  # row 1 has no <keypoint>
+    targets = torch.tensor([[0.75, 0.25], [0.5, 0.5]])  # the centre of patch 1 (x right, y top)
+    visible = torch.tensor([1, 1])
+
+    def loss_when_looking_at(column: int, visible=visible) -> float:
+        weights = torch.full((2, 2, 7, 7), 0.01)
+        weights[0, :, 6, column] = 1.0  # every head, from the <keypoint> at column 6
+        earlier = torch.full((2, 2, 7, 7), 0.01)  # only the last layer is supervised
+        return train.keypoint_attention_loss((earlier, weights), input_ids, targets, visible, config).item()
+
+    on_target, elsewhere, on_text = loss_when_looking_at(2), loss_when_looking_at(4), loss_when_looking_at(5)
+    assert on_target == pytest.approx(0.0) and on_target < elsewhere and elsewhere == pytest.approx(on_text)
+    assert loss_when_looking_at(4, visible=torch.tensor([0, 1])) == 0.0  # an invisible target teaches nothing
+    with pytest.raises(ValueError, match="4 <image> tokens"):
+        train.keypoint_attention_loss((torch.zeros(2, 1, 7, 7),), input_ids.clamp(max=6) * 0 + 7, targets, visible, config)
+
+
 def test_stage0_runs_before_training_from_scratch_only(data_dir, tmp_path, monkeypatch):
     steps_run = []
     pretrain = train.pretrain_vision_modules
@@ -221,6 +242,8 @@ def test_stage0_runs_before_training_from_scratch_only(data_dir, tmp_path, monke
     argv = [*data_flags(data_dir), "--output_dir", str(out), *SMALL, "--vision_pretraining_steps", "2", "--save_steps", "1"]
     train.main([*argv, "--max_steps", "1"])
     assert steps_run == [2]
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any(record.get("attention_loss", -1) > 0 for record in logged)  # the tiny preset's auxiliary term
     report = train.main([*argv, "--max_steps", "2", "--resume"])  # the checkpoint holds the stage-0 weights
     assert steps_run == [2] and report["global_step"] == 2
     train.main([*argv, "--model_name_or_path", str(out / "model"), "--output_dir", str(tmp_path / "from_saved"),
