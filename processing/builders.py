@@ -107,6 +107,21 @@ def sincos_position_init(model: KptLlmForKeypointComprehension) -> None:
     embedding[0] = 0.0
 
 
+@torch.no_grad()
+def amplify_last_attention_output(model: KptLlmForKeypointComprehension, scale: float = 8.0) -> None:
+    """Start the random LLM's last `o_proj` `scale` times larger, so the token that `<keypoint>` attends
+    to in the last layer is the largest part of its hidden state, from which the keypoint head regresses.
+
+    Measured on the tiny model (hidden size 128, 4 layers): every earlier attention and MLP adds 10-80
+    to the norm of `<keypoint>`'s residual stream, the last attention output ~10. With the last layer
+    taught to attend to the target patch (`train.keypoint_attention_loss`, top-1 patch 72%), a linear
+    probe still recovered 40% of the target's variance from that attention output and 0% from the
+    hidden state, and the keypoint L1 stayed at the mean predictor's for 3,000 steps; at 8x it broke
+    away after ~1,800 steps (PCK@0.2 39.8 against 29.1 for support-copy on the unseen categories).
+    """
+    model.language_model.model.layers[-1].self_attn.o_proj.weight.mul_(scale)
+
+
 def set_generation_ids(model: KptLlmForKeypointComprehension, tokenizer) -> None:
     """Decoding needs to know when a row has finished and what to pad it with."""
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -174,6 +189,7 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = KptLlmForKeypointComprehension(config)
     sincos_position_init(model)
+    amplify_last_attention_output(model)
     set_generation_ids(model, tokenizer)
     processor = build_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
     return model, processor

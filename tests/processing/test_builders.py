@@ -45,3 +45,11 @@ def test_small_heads_keep_a_usable_gain_at_init():
     assert 0.8 < prompts.pow(2).mean().sqrt() < 1.2
     head_std = model.keypoint_head.mlp[0].weight.std().item()
     assert abs(head_std - model.config.text_config.hidden_size**-0.5) < 0.02
+
+
+def test_the_last_llm_attention_starts_louder_than_the_others():
+    """The last layer's attention output is what `<keypoint>` retrieves: it must not start drowned."""
+    model, _ = build_tiny_model(KEYPOINT_NAMES, seed=0, text_layers=3)
+    layers = model.language_model.model.layers
+    scales = [layer.self_attn.o_proj.weight.std().item() for layer in layers]
+    assert scales[-1] > 6 * max(scales[:-1]), scales
