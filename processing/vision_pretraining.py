@@ -137,7 +137,8 @@ def patch_targets(coords: torch.Tensor, grid_size: int) -> torch.Tensor:
     """Bilinear weights of points (N, 2) over the patch centres: (N, h*w), each row summing to 1."""
     centers = patch_centers(grid_size, coords.device)  # (h*w, 2)
     offsets = (centers[None] - coords[:, None]).abs() * grid_size  # (N, h*w, 2), in patches
-    weights = (1 - offsets).clamp(min=0).prod(-1)  # (N, h*w); the clamp below covers points beyond the outer centres
+    # (N, h*w); a point beyond the outer centres still lies within half a patch of one, so no row is all zero
+    weights = (1 - offsets).clamp(min=0).prod(-1)
     return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
 
 

@@ -225,8 +225,9 @@ def test_keypoint_attention_loss_rewards_looking_at_the_target_patch():
     on_target, elsewhere, on_text = loss_when_looking_at(2), loss_when_looking_at(4), loss_when_looking_at(5)
     assert on_target == pytest.approx(0.0) and on_target < elsewhere and elsewhere == pytest.approx(on_text)
     assert loss_when_looking_at(4, visible=torch.tensor([0, 1])) == 0.0  # an invisible target teaches nothing
+    two_patches_only = torch.tensor([[1, 5, 5, 9, 9, 9, 7], [1, 5, 5, 9, 9, 9, 2]])
     with pytest.raises(ValueError, match="4 <image> tokens"):
-        train.keypoint_attention_loss((torch.zeros(2, 1, 7, 7),), input_ids.clamp(max=6) * 0 + 7, targets, visible, config)
+        train.keypoint_attention_loss((torch.zeros(2, 1, 7, 7),), two_patches_only, targets, visible, config)
 
 
 def test_stage0_runs_before_training_from_scratch_only(data_dir, tmp_path, monkeypatch):
