@@ -117,7 +117,8 @@ def amplify_last_attention_output(model: KptLlmForKeypointComprehension, scale: 
     taught to attend to the target patch (`train.keypoint_attention_loss`, top-1 patch 72%), a linear
     probe still recovered 40% of the target's variance from that attention output and 0% from the
     hidden state, and the keypoint L1 stayed at the mean predictor's for 3,000 steps; at 8x it broke
-    away after ~1,800 steps (PCK@0.2 39.8 against 29.1 for support-copy on the unseen categories).
+    away after 1,350-1,800 steps in two runs (PCK@0.2 40.9 and 39.8 against 29.1 for support-copy on
+    the unseen categories).
     """
     model.language_model.model.layers[-1].self_attn.o_proj.weight.mul_(scale)
 
