@@ -232,6 +232,12 @@ class KptLlmPromptFeatureExtractor(nn.Module):
         return self.norm(prompts.squeeze(1))
 
 
+def patch_offsets(coords: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """|patch centre - point| per axis, in patches: coords (N, 2) -> (N, h*w, 2)."""
+    centers = patch_centers(grid_size, coords.device)  # (h*w, 2)
+    return (centers[None] - coords[:, None].float()).abs() * grid_size
+
+
 def average_pool_around(
     support_features: torch.Tensor, coords: torch.Tensor, grid_size: int, radius: float
 ) -> torch.Tensor:
@@ -239,8 +245,7 @@ def average_pool_around(
 
     support_features: (N, h*w, D), coords: (N, 2) -> (N, D).
     """
-    centers = patch_centers(grid_size, coords.device)  # (h*w, 2)
-    offsets = (centers[None] - coords[:, None].float()).abs() * grid_size  # (N, h*w, 2), in patches
+    offsets = patch_offsets(coords, grid_size)  # (N, h*w, 2)
     weights = (1 - offsets / radius).clamp(min=0).prod(-1)  # (N, h*w)
     # the nearest patch always contributes, so a keypoint between patch centres never gets zero weight
     nearest = offsets.pow(2).sum(-1).argmin(-1)  # (N,)

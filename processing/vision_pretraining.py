@@ -42,7 +42,7 @@ from torch.utils.data import Dataset as TorchDataset
 from transformers import Trainer, TrainingArguments
 
 from modeling_kptllm import KptLlmForKeypointComprehension, KptLlmProcessor
-from modeling_kptllm.modeling_kptllm import average_pool_around, patch_centers
+from modeling_kptllm.modeling_kptllm import average_pool_around, patch_centers, patch_offsets
 from modeling_kptllm.processing_kptllm import normalize_points, square_crop_box
 
 from .coco import load_image
@@ -136,8 +136,7 @@ def collate_keypoint_pairs(features: list[dict[str, torch.Tensor]]) -> dict[str,
 
 def patch_targets(coords: torch.Tensor, grid_size: int) -> torch.Tensor:
     """Bilinear weights of points (N, 2) over the patch centres: (N, h*w), each row summing to 1."""
-    centers = patch_centers(grid_size, coords.device)  # (h*w, 2)
-    offsets = (centers[None] - coords[:, None]).abs() * grid_size  # (N, h*w, 2), in patches
+    offsets = patch_offsets(coords, grid_size)  # (N, h*w, 2)
     # (N, h*w); a point beyond the outer centres still lies within half a patch of one, so no row is all zero
     weights = (1 - offsets).clamp(min=0).prod(-1)
     return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
