@@ -1,4 +1,4 @@
-"""Visual-prompt evaluation on episodes: the model and two baselines, scored with PCK@0.2.
+"""Visual-prompt evaluation on episodes: the model, matchers and two baselines, scored with PCK@0.2.
 
 Baselines (measured on the same episodes, so they sit next to the model's number):
 - support-copy: a query keypoint is put where the support's keypoint is, in normalized crop coordinates;
@@ -170,18 +170,33 @@ def evaluate_visual_prompt(
     threshold: float = 0.2,
     identify_then_detect: bool = True,
     task: str = "visual",
+    matching_peer=None,
+    cosine_probe: bool = False,
 ) -> tuple[dict[str, dict], list[Prediction]]:
     """PCK of the model and of both baselines on the same episodes, and the model's predictions.
 
+    With `matching_peer` (a `matching_peer.MatchingPeer`) its PCK is added; with `cosine_probe`, that
+    of the plain cosine matcher on the model's own z_p and z_q (what its inputs already hold).
+
     The predictions are returned so that pictures can be drawn without predicting again.
     """
-    results = evaluate_baselines(instances, episodes, train_instances, processor.crop_padding, threshold)
+    from .matching_peer import match_episodes  # the matchers import the stage-0 data pipeline
+
     model.eval()
     predictions = [
         predict_episode(model, processor, instances, e, identify_then_detect, task)
         for e in tqdm(episodes, desc="KptLLM episodes")
     ]
-    results["KptLLM"] = score_pck(instances, episodes, [points for points, _ in predictions], threshold)
+    results = {"KptLLM": score_pck(instances, episodes, [points for points, _ in predictions], threshold)}
+    if matching_peer is not None:
+        results["matching peer"] = score_pck(
+            instances, episodes, match_episodes(matching_peer, processor, instances, episodes, "matching peer"), threshold
+        )
+    if cosine_probe:
+        results["cosine probe (KptLLM's z_p, z_q)"] = score_pck(
+            instances, episodes, match_episodes(model, processor, instances, episodes, "cosine probe"), threshold
+        )
+    results.update(evaluate_baselines(instances, episodes, train_instances, processor.crop_padding, threshold))
     return results, predictions
 
 

@@ -66,3 +66,38 @@ def save_episode_sheet(
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
+
+
+LOSS_PARTS = ("loss", "lm_loss", "keypoint_loss", "attention_loss")
+
+
+def save_loss_curves(log_history: Sequence[dict], path: str | Path) -> Path | None:
+    """One panel per logged loss part (Trainer's `log_history`) against the step; None when nothing was logged.
+
+    The keypoint L1 panel carries the line a model that always predicts the mean position would sit on
+    (its first logged value), so a run that never left it shows at a glance.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on CI or servers
+    import matplotlib.pyplot as plt
+
+    series = {part: [(r["step"], r[part]) for r in log_history if part in r and "step" in r] for part in LOSS_PARTS}
+    series = {part: points for part, points in series.items() if points}
+    if not series:
+        return None
+    figure, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
+    for axis, (part, points) in zip(axes[0], series.items()):
+        steps, values = zip(*points)
+        axis.plot(steps, values, linewidth=1.2)
+        if part == "keypoint_loss":
+            axis.axhline(values[0], color="grey", linestyle="--", linewidth=0.8, label="first logged (≈ mean predictor)")
+            axis.legend(fontsize=7)
+        axis.set_title(part)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
