@@ -163,10 +163,14 @@ def train_matching_peer(
     learning_rate: float = 1e-3,
     seed: int = 0,
     use_cpu: bool = False,
+    train_front: bool = True,
 ) -> list[dict[str, float]]:
-    """Trains the peer (front copy + heatmap temperature + refiner) with HF `Trainer`; returns its log."""
+    """Trains the peer's heatmap temperature and refiner, and its front copy unless `train_front` is False
+    (the `tiny` preset keeps KptLLM's front frozen after stage 0, so the peer's is too), with HF
+    `Trainer`; returns its log."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    peer.front.requires_grad_(train_front)
     name_ids = {name: i for i, name in enumerate(sorted(keypoint_names))}
     dataset = KeypointPairDataset(instances, processor, name_ids, seed=seed + 1)  # other jitters than stage 0's
     args = TrainingArguments(

@@ -208,26 +208,41 @@ def test_lora_checkpoints_hold_every_trained_tensor_and_the_merged_model_loads(d
     assert again["global_step"] == 1 and (tmp_path / "again" / "model" / "model.safetensors").exists()
 
 
-def test_keypoint_attention_loss_rewards_looking_at_the_target_patch():
+def test_keypoint_attention_loss_leaves_textual_rows_and_invisible_targets_alone():
     from types import SimpleNamespace
 
-    config = SimpleNamespace(keypoint_token_id=7, image_token_id=5, patch_grid_size=2)
-    input_ids = torch.tensor([[1, 5, 5, 5, 5, 9, 7], [1, 5, 5, 5, 5, 9, 2]])  # row 1 has no <keypoint>
-    targets = torch.tensor([[0.75, 0.25], [0.5, 0.5]])  # the centre of patch 1 (x right, y top)
-    visible = torch.tensor([1, 1])
-
-    def loss_when_looking_at(column: int, visible=visible) -> float:
-        weights = torch.full((2, 2, 7, 7), 0.01)
-        weights[0, :, 6, column] = 1.0  # every head, from the <keypoint> at column 6
-        earlier = torch.full((2, 2, 7, 7), 0.01)  # only the last layer is supervised
-        return train.keypoint_attention_loss((earlier, weights), input_ids, targets, visible, config).item()
-
-    on_target, elsewhere, on_text = loss_when_looking_at(2), loss_when_looking_at(4), loss_when_looking_at(5)
-    assert on_target == pytest.approx(0.0) and on_target < elsewhere and elsewhere == pytest.approx(on_text)
-    assert loss_when_looking_at(4, visible=torch.tensor([0, 1])) == 0.0  # an invisible target teaches nothing
-    two_patches_only = torch.tensor([[1, 5, 5, 9, 9, 9, 7], [1, 5, 5, 9, 9, 9, 2]])
+    config = SimpleNamespace(keypoint_token_id=7, image_token_id=5, kpt_prompt_token_id=6, patch_grid_size=2)
+    textual = torch.tensor([[1, 5, 5, 5, 5, 9, 7]])  # no <kpt_prompt>: the paper's loss alone
+    visual = torch.tensor([[1, 5, 5, 5, 5, 6, 7]])
+    targets = torch.tensor([[0.75, 0.25]])
+    attention = torch.full((1, 2, 7, 7), 1 / 7, requires_grad=True)
+    assert train.keypoint_attention_loss((attention, attention), textual, targets, torch.tensor([1]), config).item() == 0.0
+    assert train.keypoint_attention_loss((attention, attention), visual, targets, torch.tensor([0]), config).item() == 0.0
+    assert train.keypoint_attention_loss((attention, attention), visual, targets, torch.tensor([1]), config).item() > 1.0
+    two_patches_only = torch.tensor([[1, 5, 5, 9, 9, 6, 7]])
     with pytest.raises(ValueError, match="4 <image> tokens"):
-        train.keypoint_attention_loss((torch.zeros(2, 1, 7, 7),), two_patches_only, targets, visible, config)
+        train.keypoint_attention_loss((attention, attention), two_patches_only, targets, torch.tensor([1]), config)
+
+
+def test_keypoint_attention_loss_teaches_a_visual_row_to_match_in_the_first_layer_and_copy_in_the_last():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(keypoint_token_id=7, image_token_id=5, kpt_prompt_token_id=6, patch_grid_size=2)
+    input_ids = torch.tensor([[1, 5, 5, 5, 5, 6, 9, 7]])  # image tokens, <kpt_prompt> at 5, <keypoint> at 7
+    targets = torch.tensor([[0.25, 0.75]])  # the centre of patch 2
+    visible = torch.tensor([1])
+
+    def loss(match_column: int, copy_column: int) -> float:
+        first, last = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8)
+        first[0, :, 5, match_column] = 1.0  # from <kpt_prompt>, first layer
+        last[0, :, 7, copy_column] = 1.0  # from <keypoint>, last layer
+        return train.keypoint_attention_loss((first, torch.zeros(1, 2, 8, 8), last), input_ids, targets, visible, config).item()
+
+    ideal = loss(match_column=3, copy_column=5)
+    assert ideal == pytest.approx(0.0, abs=1e-4)
+    assert loss(match_column=1, copy_column=5) > 1.0  # matched the wrong patch
+    assert loss(match_column=3, copy_column=3) > 1.0  # <keypoint> looked at the patch instead of copying z_p's match
+    assert loss(match_column=3, copy_column=5) < loss(match_column=5, copy_column=5)  # z_p looking at itself
 
 
 def test_stage0_runs_before_training_from_scratch_only(data_dir, tmp_path, monkeypatch):
@@ -250,6 +265,31 @@ def test_stage0_runs_before_training_from_scratch_only(data_dir, tmp_path, monke
     train.main([*argv, "--model_name_or_path", str(out / "model"), "--output_dir", str(tmp_path / "from_saved"),
                 "--max_steps", "1"])  # a saved model has been through stage 0 already
     assert steps_run == [2]
+
+
+def test_the_final_table_scores_kptllm_beside_the_matching_peer_and_the_cosine_probe(small_benchmark, tmp_path):
+    out = tmp_path / "run"
+    argv = [*data_flags(small_benchmark), "--output_dir", str(out), *SMALL, "--max_steps", "2", "--save_steps", "2",
+            "--vision_pretraining_steps", "2", "--matching_peer_steps", "2", "--train_vision_modules", "false",
+            "--eval_queries_per_category", "1", "--eval_shots", "1,2"]
+    before = initial_model(argv).vision_tower.state_dict()
+    report = train.main(argv)
+    methods = ["KptLLM", "matching peer", "cosine probe (KptLLM's z_p, z_q)", "support-copy", "mean-position"]
+    assert list(report["results_by_shots"]) == ["1shot", "2shot"]
+    for scores in report["results_by_shots"].values():
+        assert list(scores) == methods and len({s["num_keypoints"] for s in scores.values()}) == 1
+    assert report["results"] == report["results_by_shots"]["1shot"]
+    table = (out / "results.md").read_text()
+    assert "1-shot" in table and "2-shot" in table and "matching peer" in table
+    assert (out / "matching_peer" / "model.safetensors").is_file() and (out / "loss_curves.png").is_file()
+    # stage 0 moved the tower; after it neither the KptLLM stage nor the peer did (frozen): the same features
+    saved = load_file(out / "model" / "model.safetensors")
+    tower = {key.removeprefix("vision_tower."): value for key, value in saved.items() if key.startswith("vision_tower.")}
+    peer = load_file(out / "matching_peer" / "model.safetensors")
+    assert any(not torch.equal(tower[key], value) for key, value in before.items())
+    assert all(torch.equal(peer[f"front.vision_tower.{key}"], value) for key, value in tower.items())
+    with pytest.raises(SystemExit, match="eval_shots"):
+        train.parse_arguments(["--eval_shots", "0,5"])
 
 
 def test_mp100_flag_needs_a_dataset(tmp_path):
@@ -391,3 +431,13 @@ def test_smol_preset_trains_lora_and_full_modules_only(data_dir, tmp_path):
         merged["language_model.model.embed_tokens.weight"][ids],
         saved["base_model.model.language_model.model.embed_tokens.token_adapter.trainable_tokens_delta"],
     )
+
+
+def test_freezing_the_vision_modules_leaves_the_llm_and_head_trainable(tiny):
+    import copy
+
+    model = copy.deepcopy(tiny[0])
+    train.freeze_vision_modules(model)
+    for name, parameter in model.named_parameters():
+        front = name.split(".")[0] in train.VISION_MODULES
+        assert parameter.requires_grad != front, name
