@@ -108,9 +108,9 @@ class ModelArguments:
     )
     keypoint_attention_weight: float = field(
         default=0.0,
-        metadata={"help": "weight of an auxiliary loss that teaches the LLM's last layer to attend from <keypoint> "
-                          "to the query patches at the target (keypoint_attention_loss; tiny: 1, for its random LLM); "
-                          "0 = the paper's loss alone"},
+        metadata={"help": "weight of an auxiliary loss that teaches a visual row's attention route: <kpt_prompt> to "
+                          "the target's query patches in the first layer, <keypoint> to <kpt_prompt> in the last "
+                          "(keypoint_attention_loss; tiny: 1, for its random LLM); 0 = the paper's loss alone"},
     )
     train_vision_modules: bool = field(
         default=True,

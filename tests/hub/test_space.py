@@ -3,7 +3,7 @@
 The app is served on 127.0.0.1 (a free port) in this process with a tiny KptLLM built in code and
 trained for a few seconds to write the answer format ("It is the nose. <keypoint>"), so the
 results show names and positions; it loads from its saved folder with trust_remote_code, as on a
-Space. The browser test drives Debian's chromium (.ci/run installs it) through playwright.
+Space. The browser test drives Debian's chromium (scripts/install.sh installs it) through playwright.
 """
 
 import importlib.util
@@ -420,7 +420,7 @@ def _points_listed(page, count: int) -> None:
 def test_browser_visual_and_semantic(server, files, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    assert CHROMIUM.is_file(), "the browser test needs Debian's chromium: apt-get install -y chromium (.ci/run does)"
+    assert CHROMIUM.is_file(), "the browser test needs Debian's chromium: bash scripts/install.sh (or apt-get install -y chromium)"
     outside_requests = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(

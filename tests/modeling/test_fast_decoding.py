@@ -164,14 +164,14 @@ def test_shared_prefix_matches_unshared_and_generate(models, scene, task, attent
     torch.testing.assert_close(shared.pred_keypoints, unshared.pred_keypoints, atol=1e-4, rtol=0, equal_nan=True)
     assert processor.decode_names(shared.sequences) == processor.decode_names(unshared.sequences)
 
-    # the fitted model answers every task: the comparison covers names and coordinates, not NaN vs NaN
+    # What a briefly fitted model writes differs between CPUs (it once wrote no <keypoint> on a row), so
+    # only structural facts are asserted here; coordinates are always compared through the no-ItD
+    # prompts, which end with <keypoint> and so regress a point on every row whatever the model writes.
     if task == "semantic":
         assert not shared.keypoint_found.any()
-        assert all(name is not None for name in processor.decode_names(shared.sequences))
-    else:
-        assert shared.keypoint_found.all(), processor.tokenizer.batch_decode(shared.sequences)
     if task == "visual-no-itd":
-        assert shared.sequences.shape[1] == 0
+        assert shared.sequences.shape[1] == 0 and shared.keypoint_found.all()
+        assert torch.isfinite(shared.pred_keypoints).all()
 
     pad_id = model.generation_config.pad_token_id
     for row, (answer, point) in enumerate(generate_one_by_one(model, inputs)):
