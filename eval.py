@@ -52,6 +52,12 @@ class EvalArguments:
     protocol: str = field(default="all", metadata={"help": "ap10k: a CLAMP protocol name, comma list, or 'all'"})
     identify_then_detect: bool = field(default=True, metadata={"help": "False: the Table 5 ablation prompt (model trained that way)"})
     queries_per_category: int = field(default=5, metadata={"help": "fixed test episodes per category"})
+    matching_peer: str | None = field(
+        default=None,
+        metadata={"help": "a matching-peer folder scored beside KptLLM (train.py writes OUTPUT_DIR/matching_peer; used "
+                          "by default when it sits beside the model folder; 'none' skips it)"},
+    )
+    cosine_probe: bool = field(default=True, metadata={"help": "also score the cosine match of the model's own z_p and z_q"})
     limit: int | None = field(default=None, metadata={"help": "score only the first N episodes/instances (quick runs)"})
     crop_padding: float = field(default=1.25, metadata={"help": "crop side = padding x max(bbox w, h), as in training"})
     num_pictures: int = field(default=6, metadata={"help": "episodes drawn per setting (0: none)"})
@@ -147,6 +153,20 @@ def load_model(model_dir: str | Path):
     return model, processor
 
 
+def load_matching_peer(flag: str | None, model_dir: str, split: int):
+    """The matching peer to score beside KptLLM: `--matching_peer`, else the one train.py left beside the model."""
+    from processing.matching_peer import MatchingPeer
+
+    if flag is not None and flag.lower() == "none":
+        return None
+    folder = Path(flag.replace("{split}", str(split))) if flag else Path(model_dir).parent / "matching_peer"
+    if not (folder / "model.safetensors").is_file():
+        if flag:
+            raise SystemExit(f"--matching_peer {folder}: no model.safetensors there (train.py writes OUTPUT_DIR/matching_peer)")
+        return None
+    return MatchingPeer.from_pretrained(folder)
+
+
 def _without_per_category(scores: dict) -> dict:
     return {key: value for key, value in scores.items() if key != "pck_per_category"}
 
@@ -165,7 +185,9 @@ def _summary_entry(args: EvalArguments, task: str, config: str, split: str, metr
     }
 
 
-def evaluate_mp100_setting(args: EvalArguments, split: int, shots: int, model, processor, out_dir: Path) -> dict:
+def evaluate_mp100_setting(
+    args: EvalArguments, split: int, shots: int, model, processor, out_dir: Path, matching_peer=None
+) -> dict:
     """PCK@0.2 of one (split, shots) setting on fixed episodes, with per-category scores and pictures."""
     from processing.coco import load_cross_supercategory, load_mp100
     from processing.episodes import fixed_test_episodes
@@ -182,7 +204,8 @@ def evaluate_mp100_setting(args: EvalArguments, split: int, shots: int, model, p
         test, episode_file, num_shots=shots, seed=0, num_queries_per_category=args.queries_per_category
     )[: args.limit]
     results, predictions = evaluate_visual_prompt(
-        model, processor, test, episodes, train, identify_then_detect=args.identify_then_detect, task=args.task
+        model, processor, test, episodes, train, identify_then_detect=args.identify_then_detect, task=args.task,
+        matching_peer=matching_peer, cosine_probe=args.cosine_probe,
     )
     if args.num_pictures > 0:
         shown = slice(None, None, max(1, len(episodes) // args.num_pictures))
@@ -210,11 +233,13 @@ def run_mp100(args: EvalArguments) -> dict:
     lines: list[str] = []
     config_of_model = None
     for split in splits:
-        model, processor = load_model(args.model.replace("{split}", str(split)))
+        model_dir = args.model.replace("{split}", str(split))
+        model, processor = load_model(model_dir)
         processor.crop_padding = args.crop_padding
+        matching_peer = load_matching_peer(args.matching_peer, model_dir, split)
         config_of_model = {"prompt_feature_extractor": model.config.prompt_feature_extractor}
         for shots in shot_list:
-            setting = evaluate_mp100_setting(args, split, shots, model, processor, out_dir)
+            setting = evaluate_mp100_setting(args, split, shots, model, processor, out_dir, matching_peer)
             key = f"split{split}_{shots}shot"
             details["settings"][key] = setting
             title = f"PCK@0.2, split {split} test, {shots}-shot" + (
@@ -289,8 +314,10 @@ def run_mp100_semantic(args: EvalArguments) -> dict:
 
     details, summary, lines = {}, [], []
     for split in _int_list(args.splits, "--splits"):
-        model, processor = load_model(args.model.replace("{split}", str(split)))
+        model_dir = args.model.replace("{split}", str(split))
+        model, processor = load_model(model_dir)
         processor.crop_padding = args.crop_padding
+        matching_peer = load_matching_peer(args.matching_peer, model_dir, split)
         train, test = load_mp100(args.data_dir, split, "train"), load_mp100(args.data_dir, split, "test")
         results = evaluate_semantic(model, processor, test, train, limit=args.limit)
         details[f"split{split}"] = results

@@ -43,6 +43,11 @@ ON_PAR_POINTS = 0.5
 BASELINE_DESCRIPTIONS = {
     "support-copy": "copies the support keypoints' normalized positions in the support crop to the query crop",
     "mean-position": "predicts each keypoint name's mean normalized position over the training instances",
+    "matching peer": "a POMNet/CapeFormer-style matcher (correlation heatmap of the support keypoint's feature over "
+                     "the query features, soft-argmax near the peak, transformer refinement) on the same stage-0 "
+                     "vision modules, trained on the same categories",
+    "cosine probe (KptLLM's z_p, z_q)": "puts each keypoint at the query patch whose token z_q is most similar "
+                                        "(cosine) to the prompt token z_p: what the LLM's inputs already hold",
 }
 
 # The usage snippet pins the code it runs: this line is what `set_card_revision` rewrites after a push.

@@ -39,7 +39,7 @@ def test_visual_prompt_pck_with_baselines_per_category_and_pictures(saved_model,
     assert written["summary"] == report["summary"] and len(report["summary"]) == 2  # 1-shot and 2-shot
     for entry, shots in zip(report["summary"], (1, 2)):
         assert entry["metric"]["type"] == "pck" and 0.0 <= entry["metric"]["value"] <= 100.0
-        assert set(entry["baselines"]) == {"support-copy", "mean-position"}
+        assert set(entry["baselines"]) == {"support-copy", "mean-position", "cosine probe (KptLLM's z_p, z_q)"}
         assert entry["dataset"]["config"] == f"{shots}-shot"
         setting = report["details"]["settings"][f"split1_{shots}shot"]
         assert setting["episodes"] == 3
@@ -50,6 +50,23 @@ def test_visual_prompt_pck_with_baselines_per_category_and_pictures(saved_model,
         assert (tmp_path / "eval" / f"predictions_split1_{shots}shot.png").is_file()
     markdown = (tmp_path / "eval" / "results.md").read_text()
     assert "support-copy" in markdown and "mean over splits 1, 2-shot" in markdown
+
+
+def test_the_matching_peer_beside_the_model_is_scored_with_it(saved_model, small_benchmark, tmp_path):
+    from processing.matching_peer import MatchingPeer
+    from transformers import AutoModel
+
+    run = tmp_path / "run"
+    shutil.copytree(saved_model, run / "model")
+    MatchingPeer.from_stage0(AutoModel.from_pretrained(saved_model, trust_remote_code=True)).save_pretrained(run / "matching_peer")
+    report = run_evaluation(_args(saved_model, small_benchmark, tmp_path, model=str(run / "model")))
+    results = report["details"]["settings"]["split1_1shot"]["results"]
+    assert list(results)[:3] == ["KptLLM", "matching peer", "cosine probe (KptLLM's z_p, z_q)"]
+    assert "matching peer" in report["summary"][0]["baselines"]
+    skipped = run_evaluation(_args(saved_model, small_benchmark, tmp_path, model=str(run / "model"), matching_peer="none"))
+    assert "matching peer" not in skipped["details"]["settings"]["split1_1shot"]["results"]
+    with pytest.raises(SystemExit, match="no model.safetensors"):
+        run_evaluation(_args(saved_model, small_benchmark, tmp_path, matching_peer=str(tmp_path / "nowhere")))
 
 
 def test_several_splits_need_a_model_per_split_and_are_averaged(saved_model, small_benchmark, tmp_path):
