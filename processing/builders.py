@@ -114,11 +114,11 @@ def amplify_last_attention_output(model: KptLlmForKeypointComprehension, scale: 
 
     Measured on the tiny model (hidden size 128, 4 layers): every earlier attention and MLP adds 10-80
     to the norm of `<keypoint>`'s residual stream, the last attention output ~10. With the last layer
-    taught to attend to the target patch (`train.keypoint_attention_loss`, top-1 patch 72%), a linear
-    probe still recovered 40% of the target's variance from that attention output and 0% from the
-    hidden state, and the keypoint L1 stayed at the mean predictor's for 3,000 steps; at 8x it broke
-    away after 1,350-1,800 steps in two runs (PCK@0.2 40.9 and 39.8 against 29.1 for support-copy on
-    the unseen categories).
+    taught to attend to the target patch, a linear probe still recovered 40% of the target's variance
+    from that attention output and 0% from the hidden state, and the keypoint L1 stayed at the mean
+    predictor's for 3,000 steps; at 8x it broke away after 1,350-1,800 steps in two runs. The current
+    default teaches that layer to copy from `<kpt_prompt>` instead (`train.keypoint_attention_loss`);
+    the copied token is what this scale keeps from being drowned.
     """
     model.language_model.model.layers[-1].self_attn.o_proj.weight.mul_(scale)
 

@@ -50,16 +50,11 @@ def _scored(instances: Dataset, episode: Episode) -> tuple[dict, np.ndarray]:
     return query, np.asarray(query["visible"], dtype=bool) & in_support
 
 
-@torch.no_grad()
-def predict_episode(
-    model: KptLlmForKeypointComprehension,
-    processor: KptLlmProcessor,
-    instances: Dataset,
-    episode: Episode,
-    identify_then_detect: bool = True,
-    task: str = "visual",
-) -> tuple[np.ndarray, list[str | None]]:
-    """All keypoints of one query instance in one batched `detect_keypoints` call -> pixels, names.
+def episode_inputs(
+    processor: KptLlmProcessor, instances: Dataset, episode: Episode, task: str = "visual", identify_then_detect: bool = True
+):
+    """(processor inputs, prompted keypoint indices, query row) of one episode: every keypoint that some
+    support shot shows is prompted, all in one processor call.
 
     `task="visual+textual"` also gives each keypoint's name (Table 7): the support and the query are of
     one category, so they share the names.
@@ -80,7 +75,22 @@ def predict_episode(
         task=task,
         kpt_names=[supports[0]["keypoint_names"][i] for i in prompted] if task == "visual+textual" else None,
         identify_then_detect=identify_then_detect,
-    ).to(model.device)
+    )
+    return inputs, prompted, query
+
+
+@torch.no_grad()
+def predict_episode(
+    model: KptLlmForKeypointComprehension,
+    processor: KptLlmProcessor,
+    instances: Dataset,
+    episode: Episode,
+    identify_then_detect: bool = True,
+    task: str = "visual",
+) -> tuple[np.ndarray, list[str | None]]:
+    """All keypoints of one query instance in one batched `detect_keypoints` call -> pixels, names."""
+    inputs, prompted, query = episode_inputs(processor, instances, episode, task, identify_then_detect)
+    inputs = inputs.to(model.device)
     outputs = model.detect_keypoints(**inputs)
     results = processor.post_process_keypoints(outputs, (query["width"], query["height"]), query["bbox"])
     points = np.full((len(query["visible"]), 2), np.nan)

@@ -32,19 +32,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainingArguments
-
-from safetensors.torch import load_file, save_file
+from transformers import Trainer
 
 from modeling_kptllm import KptLlmConfig, KptLlmForKeypointComprehension, KptLlmProcessor
 from modeling_kptllm.modeling_kptllm import patch_centers, sine_cosine_embedding
 from modeling_kptllm.processing_kptllm import denormalize_points, square_crop_box
 
-from .coco import load_image
 from .episodes import Episode
-from .vision_pretraining import KeypointPairDataset, collate_keypoint_pairs, patch_targets
+from .evaluation import episode_inputs
+from .vision_pretraining import KeypointPairDataset, collate_keypoint_pairs, patch_targets, short_stage_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -173,45 +172,11 @@ def train_matching_peer(
     peer.front.requires_grad_(train_front)
     name_ids = {name: i for i, name in enumerate(sorted(keypoint_names))}
     dataset = KeypointPairDataset(instances, processor, name_ids, seed=seed + 1)  # other jitters than stage 0's
-    args = TrainingArguments(
-        output_dir=str(Path(output_dir) / "matching_peer"),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        weight_decay=0.0,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(50, steps // 10),
-        logging_steps=max(1, steps // 5),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=use_cpu,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=not use_cpu,
-        remove_unused_columns=False,
-        seed=seed,
-    )
+    args = short_stage_arguments(Path(output_dir) / "matching_peer", steps, batch_size, learning_rate, seed, use_cpu)
     trainer = Trainer(model=peer, args=args, train_dataset=dataset, data_collator=collate_keypoint_pairs)
     logger.info("Matching peer: %d steps on pairs of %d training instances", steps, len(dataset))
     trainer.train()
     return trainer.state.log_history
-
-
-def _episode_inputs(processor: KptLlmProcessor, instances: Dataset, episode: Episode):
-    """(processor inputs, prompted keypoint indices, query row) of one episode, as `predict_episode` builds them."""
-    query = instances[episode.query_row]
-    supports = [instances[row] for row in episode.support_rows]
-    support_visible = np.array([s["visible"] for s in supports], dtype=bool)
-    prompted = np.flatnonzero(support_visible.any(0))
-    inputs = processor(
-        query=load_image(query["image_path"]),
-        query_bbox=query["bbox"],
-        support=[load_image(s["image_path"]) for s in supports],
-        kpts=[np.asarray(s["keypoints"])[prompted] for s in supports],
-        support_bbox=[s["bbox"] for s in supports],
-        support_visible=support_visible[:, prompted],
-        task="visual",
-    )
-    return inputs, prompted, query
 
 
 @torch.no_grad()
@@ -231,7 +196,7 @@ def match_episodes(
         peer.eval()
     predictions = []
     for episode in tqdm(episodes, desc=description, leave=False):
-        inputs, prompted, query = _episode_inputs(processor, instances, episode)
+        inputs, prompted, query = episode_inputs(processor, instances, episode)
         query_tokens, prompt_tokens = query_and_prompt_tokens(
             front, inputs["pixel_values"], inputs["support_pixel_values"], inputs["prompt_coords"], inputs["prompt_visible"]
         )

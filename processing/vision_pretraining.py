@@ -214,6 +214,30 @@ class VisionPretrainingModel(nn.Module):
         return {"loss": loss}
 
 
+def short_stage_arguments(
+    output_dir: Path, steps: int, batch_size: int, learning_rate: float, seed: int, use_cpu: bool
+) -> TrainingArguments:
+    """`TrainingArguments` of a short auxiliary stage (stage 0, the matching peer): AdamW without weight
+    decay, cosine schedule with a short warm-up, a few log lines, no checkpoints."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=0.0,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(50, steps // 10),
+        logging_steps=max(1, steps // 8),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=use_cpu,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=not use_cpu,
+        remove_unused_columns=False,
+        seed=seed,
+    )
+
+
 def pretrain_vision_modules(
     model: KptLlmForKeypointComprehension,
     processor: KptLlmProcessor,
@@ -233,23 +257,7 @@ def pretrain_vision_modules(
     name_ids = {name: i for i, name in enumerate(sorted(keypoint_names))}
     dataset = KeypointPairDataset(instances, processor, name_ids, jitter=jitter, seed=seed)
     pretraining_model = VisionPretrainingModel(model, len(name_ids))
-    args = TrainingArguments(
-        output_dir=str(Path(output_dir) / "vision_pretraining"),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        weight_decay=0.0,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(50, steps // 10),
-        logging_steps=max(1, steps // 8),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=use_cpu,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=not use_cpu,
-        remove_unused_columns=False,
-        seed=seed,
-    )
+    args = short_stage_arguments(Path(output_dir) / "vision_pretraining", steps, batch_size, learning_rate, seed, use_cpu)
     trainer = Trainer(model=pretraining_model, args=args, train_dataset=dataset, data_collator=collate_keypoint_pairs)
     logger.info("Stage 0: %d steps of keypoint naming and matching on %d training instances (%d names)",
                 steps, len(dataset), len(name_ids))
