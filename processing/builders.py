@@ -154,19 +154,17 @@ def tiny_config(
     text_hidden_size: int = 64,
     text_layers: int = 2,
     num_heads: int = 4,
-    text_num_heads: int | None = None,
     **overrides,
 ) -> KptLlmConfig:
     """A KptLLM config with a small CLIP tower and a small Llama, sized to `tokenizer`."""
-    text_num_heads = text_num_heads or num_heads
     vision_config = small_clip_vision_config(image_size, patch_size, vision_hidden_size, vision_layers, num_heads)
     text_config = {
         "model_type": "llama",
         "hidden_size": text_hidden_size,
         "intermediate_size": text_hidden_size * 4,
         "num_hidden_layers": text_layers,
-        "num_attention_heads": text_num_heads,
-        "num_key_value_heads": text_num_heads,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_heads,
         "vocab_size": len(tokenizer),
         "max_position_embeddings": 4096,
         # Llama's default 0.02 is sized for widths near 2,500: at 64-256 the query/key products start
