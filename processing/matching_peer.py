@@ -86,7 +86,12 @@ class MatchingPeer(nn.Module):
     def from_stage0(cls, model: KptLlmForKeypointComprehension) -> "MatchingPeer":
         """A peer whose front modules are a copy of `model`'s (call it right after stage 0)."""
         front = copy.copy(model)  # shallow: swap the heavy parts out before copying the rest
-        front._modules = {name: module for name, module in model._modules.items() if name not in ("language_model", "keypoint_head")}
+        front._modules = {}
+        for name, module in model._modules.items():
+            if name in ("language_model", "keypoint_head"):
+                continue
+            trained = getattr(module, "modules_to_save", None)  # under LoRA, peft's wrapper: take its trained copy
+            front._modules[name] = trained["default"] if trained is not None else module
         return cls(copy.deepcopy(front))
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -33,7 +33,7 @@ SMALL = [
     "--per_device_train_batch_size", "2", "--logging_steps", "1", "--warmup_steps", "0",
     "--image_size", "32", "--patch_size", "8", "--vision_hidden_size", "32", "--vision_layers", "2",
     "--text_hidden_size", "32", "--text_layers", "2", "--eval_queries_per_category", "0",
-    "--vision_pretraining_steps", "0",
+    "--vision_pretraining_steps", "0", "--matching_peer_steps", "0", "--train_vision_modules", "true",
 ]
 LORA = ["--use_lora", "true", "--lora_r", "4", "--lora_alpha", "8"]
 

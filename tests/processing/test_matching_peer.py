@@ -85,3 +85,15 @@ def test_saved_peer_predicts_the_same_and_scores_beside_kptllm(tiny, splits, tmp
 def test_a_folder_without_weights_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         MatchingPeer.from_pretrained(tmp_path)
+
+
+def test_a_lora_wrapped_model_gives_a_peer_of_its_trained_front_copies(tiny, tmp_path):
+    import copy
+
+    from processing.builders import apply_lora
+
+    wrapped = apply_lora(copy.deepcopy(tiny[0]), r=4, alpha=8)
+    peer = MatchingPeer.from_stage0(wrapped.get_base_model())
+    assert not [key for key in peer.state_dict() if "modules_to_save" in key or "original_module" in key]
+    peer.save_pretrained(tmp_path / "peer")
+    MatchingPeer.from_pretrained(tmp_path / "peer")  # loads strictly
