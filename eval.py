@@ -317,7 +317,6 @@ def run_mp100_semantic(args: EvalArguments) -> dict:
         model_dir = args.model.replace("{split}", str(split))
         model, processor = load_model(model_dir)
         processor.crop_padding = args.crop_padding
-        matching_peer = load_matching_peer(args.matching_peer, model_dir, split)
         train, test = load_mp100(args.data_dir, split, "train"), load_mp100(args.data_dir, split, "test")
         results = evaluate_semantic(model, processor, test, train, limit=args.limit)
         details[f"split{split}"] = results

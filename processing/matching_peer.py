@@ -202,6 +202,7 @@ def match_episodes(
     predictions = []
     for episode in tqdm(episodes, desc=description, leave=False):
         inputs, prompted, query = episode_inputs(processor, instances, episode)
+        inputs = inputs.to(front.device)
         query_tokens, prompt_tokens = query_and_prompt_tokens(
             front, inputs["pixel_values"], inputs["support_pixel_values"], inputs["prompt_coords"], inputs["prompt_visible"]
         )
@@ -213,7 +214,7 @@ def match_episodes(
             normalized = patch_centers(front.config.patch_grid_size, similarity.device)[similarity.argmax(-1)]
         box = square_crop_box(query["bbox"], (query["width"], query["height"]), processor.crop_padding, "bbox")
         points = np.full((len(query["visible"]), 2), np.nan)
-        points[prompted] = denormalize_points(normalized.float().numpy(), box)
+        points[prompted] = denormalize_points(normalized.float().cpu().numpy(), box)
         predictions.append(points)
     return predictions
 
