@@ -142,6 +142,11 @@ def patch_targets(coords: torch.Tensor, grid_size: int) -> torch.Tensor:
     return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
+def prompt_to_patch_cosine(prompt_tokens: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each prompt token z_p to every query token z_q of its row: (P, D), (P, h*w, D) -> (P, h*w)."""
+    return torch.einsum("pd,pnd->pn", F.normalize(prompt_tokens, dim=-1), F.normalize(query_tokens, dim=-1))
+
+
 class VisionPretrainingModel(nn.Module):
     """KptLLM's modules in front of the LLM (shared, not copied) and the heads of stage 0's three losses.
 
@@ -205,9 +210,7 @@ class VisionPretrainingModel(nn.Module):
             if matched.any():
                 prompt_tokens = self.prompt_projector(support_prompts[matched])  # (M, D_llm)
                 rows = (support_mask & query_mask).nonzero(as_tuple=True)[0]  # (M,)
-                similarity = torch.einsum(
-                    "md,mpd->mp", F.normalize(prompt_tokens, dim=-1), F.normalize(query_tokens[rows], dim=-1)
-                )  # (M, h*w)
+                similarity = prompt_to_patch_cosine(prompt_tokens, query_tokens[rows])  # (M, h*w)
                 logits = self.logit_scale.exp().clamp(max=100) * similarity
                 targets = patch_targets(query_keypoint_coords[support_mask & query_mask], self.grid_size)
                 loss = loss + F.cross_entropy(logits, targets)
