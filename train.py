@@ -38,7 +38,7 @@ from processing.embedded import ensure_embedded_benchmark
 from processing.episodes import fixed_test_episodes, make_training_samples
 from processing.evaluation import evaluate_visual_prompt, markdown_table
 from processing.matching_peer import MatchingPeer, train_matching_peer
-from processing.vision_pretraining import patch_targets, pretrain_vision_modules
+from processing.vision_pretraining import MATCH_CENTRE_WEIGHT, attention_match_loss, pretrain_vision_modules
 from processing.visualize import save_episode_sheet, save_loss_curves
 
 logger = logging.getLogger("train")
@@ -110,7 +110,8 @@ class ModelArguments:
         default=0.0,
         metadata={"help": "weight of an auxiliary loss that teaches a visual row's attention route: <kpt_prompt> to "
                           "the target's query patches in the first layer, <keypoint> to <kpt_prompt> in the last "
-                          "(keypoint_attention_loss; tiny: 1, for its random LLM); 0 = the paper's loss alone"},
+                          "(keypoint_attention_loss; tiny: 1, for its random LLM); 0 = the paper's loss alone. "
+                          "When > 0, stage 0 also teaches the first layer that match (FirstLayerMatch)"},
     )
     train_vision_modules: bool = field(
         default=True,
@@ -283,16 +284,16 @@ def keypoint_attention_loss(
     keypoint_visible: torch.Tensor,
     config,
 ) -> torch.Tensor:
-    """Cross-entropy of the LLM's attention along the route a keypoint's position takes to `<keypoint>`.
+    """Supervision of the LLM's attention along the route a keypoint's position takes to `<keypoint>`.
 
     Rows with a visual prompt (a `<kpt_prompt>` token, z_p) are taught two hops:
     * match: in the FIRST layer, every head attends from `<kpt_prompt>` over the query's image tokens
-      z_q to the patches around the target (bilinear weights). z_p and z_q enter that layer as stage 0
-      left them, where the nearest z_q to z_p by cosine is the target on ~87% of unseen-category
-      keypoints: the layer only has to learn that similarity, and its output at `<kpt_prompt>` then
-      carries the matched patch's position code;
-    * copy: in the LAST layer, every head attends from `<keypoint>` to `<kpt_prompt>`, which brings that
-      position into the hidden state the keypoint head regresses from.
+      z_q to the target (`vision_pretraining.attention_match_loss`: cross-entropy to the patches around
+      it plus the L1 of the attention-weighted patch centre, which keeps the attention sharp and local).
+      Stage 0 already taught this layer the match on the frozen front's z_p and z_q
+      (`vision_pretraining.FirstLayerMatch`); here it keeps it while the rest of the LLM learns;
+    * copy: in the LAST layer, every head attends from `<keypoint>` to `<kpt_prompt>`, which brings the
+      matched position into the hidden state the keypoint head regresses from.
     Rows without one (textual and semantic prompts) get no attention term: they learn from the paper's
     loss alone (also supervising textual rows' `<keypoint>` to look at the target patches in the last
     layer ended 0.3 PCK below this on the visual task, measured at 1,200 vs 1,000 steps).
@@ -311,10 +312,10 @@ def keypoint_attention_loss(
     if len(rows) == 0:
         return attentions[-1].sum() * 0.0
     num_patches = config.patch_grid_size**2
-    targets = patch_targets(keypoint_labels[rows].float(), config.patch_grid_size)  # (N, h*w)
     prompt_columns = is_prompt.float().argmax(-1)  # the first <kpt_prompt> (one per row under mean shot fusion)
     first = attentions[0][rows, :, prompt_columns]  # (N, heads, L): first layer, from <kpt_prompt>
-    match = _cross_entropy(_image_attention(first, input_ids[rows] == config.image_token_id, num_patches), targets)
+    image_attention = _image_attention(first, input_ids[rows] == config.image_token_id, num_patches)
+    match = attention_match_loss(image_attention, keypoint_labels[rows], config.patch_grid_size, MATCH_CENTRE_WEIGHT)
     last = attentions[-1][rows, :, columns]  # (N, heads, L): last layer, from <keypoint>
     to_prompt = last.gather(-1, prompt_columns[:, None, None].expand(-1, last.shape[1], 1))  # (N, heads, 1)
     copy = _cross_entropy(to_prompt, torch.ones_like(to_prompt[:, 0]))
@@ -463,6 +464,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         pretrain_vision_modules(
             model, processor, train_instances, keypoint_vocabulary(train_instances), output_dir,
             steps=model_args.vision_pretraining_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
+            match_first_llm_layer=model_args.keypoint_attention_weight > 0,
         )
     matching_peer = prepare_matching_peer(model, processor, train_instances, output_dir, model_args, training_args)
     if not model_args.train_vision_modules:

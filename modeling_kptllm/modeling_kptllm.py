@@ -170,15 +170,20 @@ class KptLlmAttention(nn.Module):
             for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
                 proj.identity_init_scale = 1.0
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, memory_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # query (N, Lq, D); key, value (M, Lk, D); memory_index (N,): the key/value row of each query row
+        # (None: M == N). Many prompts share one support image, so its keys and values are projected once.
         batch, q_len, dim = query.shape
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:  # (N, L, D) -> (N, H, L, D/H)
             return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
 
-        attended = F.scaled_dot_product_attention(
-            split_heads(self.q_proj(query)), split_heads(self.k_proj(key)), split_heads(self.v_proj(value))
-        )  # (N, H, Lq, D/H)
+        keys, values = split_heads(self.k_proj(key)), split_heads(self.v_proj(value))  # (M, H, Lk, D/H)
+        if memory_index is not None:
+            keys, values = keys[memory_index], values[memory_index]  # (N, H, Lk, D/H)
+        attended = F.scaled_dot_product_attention(split_heads(self.q_proj(query)), keys, values)  # (N, H, Lq, D/H)
         return self.o_proj(attended.transpose(1, 2).reshape(batch, q_len, dim))
 
 
@@ -198,13 +203,18 @@ class KptLlmCrossAttentionLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(
-        self, prompts: torch.Tensor, prompt_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor
+        self,
+        prompts: torch.Tensor,
+        prompt_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        memory_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # prompts, prompt_pos: (N, 1, D); memory: (N, h*w, D); memory_pos: (1, h*w, D)
+        # prompts, prompt_pos: (N, 1, D); memory: (M, h*w, D); memory_pos: (1, h*w, D); memory_index: (N,) or None
         normed = self.self_attn_norm(prompts)
         prompts = prompts + self.self_attn(normed + prompt_pos, normed + prompt_pos, normed)
         normed = self.cross_attn_norm(prompts)
-        prompts = prompts + self.cross_attn(normed + prompt_pos, memory + memory_pos, memory)
+        prompts = prompts + self.cross_attn(normed + prompt_pos, memory + memory_pos, memory, memory_index)
         return prompts + self.mlp(self.mlp_norm(prompts))
 
 
@@ -218,8 +228,15 @@ class KptLlmPromptFeatureExtractor(nn.Module):
         self.layers = nn.ModuleList(KptLlmCrossAttentionLayer(config) for _ in range(config.prompt_extractor_layers))
         self.norm = nn.LayerNorm(config.vision_config.hidden_size)
 
-    def forward(self, prompt_embeds: torch.Tensor, coords: torch.Tensor, support_features: torch.Tensor) -> torch.Tensor:
-        # prompt_embeds: (N, D); coords: (N, 2); support_features: (N, h*w, D) -> (N, D)
+    def forward(
+        self,
+        prompt_embeds: torch.Tensor,
+        coords: torch.Tensor,
+        support_features: torch.Tensor,
+        memory_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # prompt_embeds: (N, D); coords: (N, 2); support_features: (M, h*w, D); memory_index: (N,) rows of
+        # support_features, None when M == N -> (N, D)
         dim = prompt_embeds.shape[-1]
         dtype = prompt_embeds.dtype
         prompt_pos = POSITION_AMPLITUDE * sine_cosine_embedding(coords, dim, self.max_frequency)  # (N, D)
@@ -228,7 +245,7 @@ class KptLlmPromptFeatureExtractor(nn.Module):
         prompt_pos, memory_pos = prompt_pos.to(dtype).unsqueeze(1), memory_pos.to(dtype).unsqueeze(0)
         prompts = prompt_embeds.unsqueeze(1)  # (N, 1, D)
         for layer in self.layers:
-            prompts = layer(prompts, prompt_pos, support_features, memory_pos)
+            prompts = layer(prompts, prompt_pos, support_features, memory_pos, memory_index)
         return self.norm(prompts.squeeze(1))
 
 
@@ -392,21 +409,21 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
             raise ValueError("prompt_coords must be normalized to [0, 1] in the support crop")
         num_prompts, num_shots, _ = prompt_coords.shape
         num_support = support_features.shape[0]
-        if num_support == num_shots:  # the same shots serve every prompt
-            memory = support_features.unsqueeze(0).expand(num_prompts, -1, -1, -1)
+        if num_support == num_shots:  # the same shots serve every prompt: prompt p, shot s reads image s
+            memory_index = torch.arange(num_shots, device=support_features.device).repeat(num_prompts)  # (P*S,)
         elif num_support == num_prompts * num_shots:
-            memory = support_features.view(num_prompts, num_shots, *support_features.shape[1:])
+            memory_index = None
         else:
             raise ValueError(
                 f"{num_support} support images do not fit prompt_coords of shape {tuple(prompt_coords.shape)}: "
                 f"expected {num_shots} (shared shots) or {num_prompts * num_shots} (one set per prompt)"
             )
-        memory = memory.reshape(num_prompts * num_shots, *support_features.shape[1:])  # (P*S, h*w, D_v)
-        coords = prompt_coords.reshape(-1, 2).to(memory.device)  # (P*S, 2)
+        coords = prompt_coords.reshape(-1, 2).to(support_features.device)  # (P*S, 2)
         if self.prompt_feature_extractor is not None:
-            prompt_embeds = self.prompt_encoder(coords).to(memory.dtype)  # (P*S, D_v)
-            features = self.prompt_feature_extractor(prompt_embeds, coords, memory)
+            prompt_embeds = self.prompt_encoder(coords).to(support_features.dtype)  # (P*S, D_v)
+            features = self.prompt_feature_extractor(prompt_embeds, coords, support_features, memory_index)
         else:
+            memory = support_features if memory_index is None else support_features[memory_index]  # (P*S, h*w, D_v)
             features = average_pool_around(memory, coords, self.config.patch_grid_size, self.config.prompt_pool_radius)
         features = self.prompt_projector(features).view(num_prompts, num_shots, -1)  # (P, S, D_llm)
         if self.config.shot_fusion == "per_shot":

@@ -5,6 +5,7 @@
 takes as is. Use `TrainingArguments(remove_unused_columns=False)`: the inputs are not text columns.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from modeling_kptllm import KptLlmProcessor
 from .coco import load_image
 
 SUPPORT_KEYS = ("support_pixel_values", "prompt_coords", "prompt_visible")
+RECENT_IMAGES = 64  # decoded images a training dataset keeps (a few instances' queries and supports)
 
 
 class KeypointTrainingDataset(TorchDataset):
@@ -35,17 +37,22 @@ class KeypointTrainingDataset(TorchDataset):
         self.samples = samples
         self.processor = processor
         self.identify_then_detect = identify_then_detect
+        # Arrow row access and PNG decoding were ~40% of a batch's data time: keep the rows as Python
+        # dicts, and the last images decoded (the rows of one instance share its query and support draw)
+        self._instance_rows = instances.to_list()
+        self._sample_rows = samples.to_list()
+        self._load_image = functools.lru_cache(maxsize=RECENT_IMAGES)(load_image)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = self.samples[index]
-        query = self.instances[sample["query_row"]]
+        sample = self._sample_rows[index]
+        query = self._instance_rows[sample["query_row"]]
         k = sample["keypoint_index"]
         name = query["keypoint_names"][k]
         kwargs = dict(
-            query=load_image(query["image_path"]),
+            query=self._load_image(query["image_path"]),
             query_bbox=query["bbox"],
             task=sample["task"],
             kpt_names=[name],
@@ -57,9 +64,9 @@ class KeypointTrainingDataset(TorchDataset):
         else:
             kwargs.update(query_kpts=[query["keypoints"][k]], query_visible=[query["visible"][k]])
         if sample["support_rows"]:
-            supports = [self.instances[row] for row in sample["support_rows"]]
+            supports = [self._instance_rows[row] for row in sample["support_rows"]]
             kwargs.update(
-                support=[load_image(s["image_path"]) for s in supports],
+                support=[self._load_image(s["image_path"]) for s in supports],
                 kpts=[[s["keypoints"][k]] for s in supports],
                 support_bbox=[s["bbox"] for s in supports],
                 support_visible=[[s["visible"][k]] for s in supports],

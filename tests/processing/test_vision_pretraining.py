@@ -8,11 +8,14 @@ import torch
 from modeling_kptllm.modeling_kptllm import patch_centers
 from processing.coco import load_mp100
 from processing.vision_pretraining import (
+    FirstLayerMatch,
     KeypointPairDataset,
     VisionPretrainingModel,
+    attention_match_loss,
     collate_keypoint_pairs,
     patch_targets,
     pretrain_vision_modules,
+    prompt_distance,
 )
 from train import keypoint_vocabulary
 
@@ -146,3 +149,57 @@ def test_stage0_trains_the_modules_before_the_llm_in_place_and_leaves_the_llm_al
     expected |= {"prompt_encoder", "prompt_feature_extractor"} if extractor == "cross_attention" else set()
     assert changed == expected
     assert not list((tmp_path / "vision_pretraining").glob("checkpoint-*"))  # nothing to resume: no checkpoints
+
+
+def test_the_first_layer_match_is_the_llms_own_first_attention_from_the_prompt(tiny, images):
+    """FirstLayerMatch scores z_p against z_q exactly as the LLM's first layer does in a real sequence
+    (the real row also attends to text tokens, so the weights over the image tokens agree up to one factor)."""
+    model, processor = copy.deepcopy(tiny[0]), tiny[1]
+    model.set_attn_implementation("eager")
+    for parameter in model.language_model.get_decoder().layers[0].parameters():  # not the identity-like init
+        torch.nn.init.normal_(parameter, std=0.3)
+    inputs = processor(query=images["query"], support=images["support"], kpts=[[10.0, 20.0], [30.0, 40.0]])
+    config = model.config
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+        embeds = model.embed_multimodal_inputs(inputs["input_ids"], inputs["pixel_values"], inputs["support_pixel_values"],
+                                               inputs["prompt_coords"], inputs.get("prompt_visible"))
+        ids = inputs["input_ids"]
+        is_image, prompt_column = ids[0] == config.image_token_id, (ids[0] == config.kpt_prompt_token_id).nonzero()[0, 0]
+        match = FirstLayerMatch(model, prompt_distance(processor, config))
+        weights, _ = match.attend(embeds[:, prompt_column], embeds[:, is_image])  # (K, heads, h*w+1)
+    real = out.attentions[0][:, :, prompt_column]  # (K, heads, L)
+    real_image = real[:, :, is_image]
+    torch.testing.assert_close(real_image / real_image.sum(-1, keepdim=True),
+                               weights[..., :-1] / weights[..., :-1].sum(-1, keepdim=True), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(real[:, :, prompt_column] / real_image.sum(-1),
+                               weights[..., -1] / weights[..., :-1].sum(-1), rtol=1e-4, atol=1e-6)  # z_p's own key
+
+
+def test_the_attention_match_loss_rewards_a_sharp_attention_on_the_target_over_a_spread_one():
+    grid = 4
+    centres = patch_centers(grid, "cpu")
+    target = centres[5:6]  # (1, 2)
+    sharp = torch.zeros(1, 1, grid * grid)
+    sharp[0, 0, 5] = 1.0
+    # most weight on the target, some on a far look-alike: the argmax is right, the weighted centre is not
+    split = torch.zeros(1, 1, grid * grid)
+    split[0, 0, 5], split[0, 0, 15] = 0.7, 0.3
+    assert attention_match_loss(sharp, target, grid, centre_weight=0.0) < attention_match_loss(split, target, grid, 0.0)
+    centre_term = attention_match_loss(split, target, grid, 1.0) - attention_match_loss(split, target, grid, 0.0)
+    assert centre_term.item() == pytest.approx(0.3 * (centres[15] - centres[5]).abs().sum().item(), rel=1e-5)
+    assert attention_match_loss(sharp, target, grid, 5.0) - attention_match_loss(sharp, target, grid, 0.0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_stage0_with_the_first_layer_match_trains_that_layer_and_no_other_llm_weight(instances, tmp_path):
+    from processing.builders import build_tiny_model
+
+    model, processor = build_tiny_model(keypoint_vocabulary(instances), seed=0)
+    before = copy.deepcopy(model.state_dict())
+    pretrain_vision_modules(model, processor, instances, keypoint_vocabulary(instances), tmp_path, steps=6,
+                            batch_size=4, use_cpu=True, match_first_llm_layer=True)
+    after = model.state_dict()
+    changed_llm = {name for name in after if name.startswith("language_model") and not torch.equal(after[name], before[name])}
+    first_layer = "language_model.model.layers.0."
+    assert changed_llm and all(name.startswith(first_layer) for name in changed_llm)
+    assert {first_layer + f"self_attn.{p}_proj.weight" for p in "qkvo"} <= changed_llm
