@@ -314,8 +314,7 @@ def run_mp100_semantic(args: EvalArguments) -> dict:
 
     details, summary, lines = {}, [], []
     for split in _int_list(args.splits, "--splits"):
-        model_dir = args.model.replace("{split}", str(split))
-        model, processor = load_model(model_dir)
+        model, processor = load_model(args.model.replace("{split}", str(split)))
         processor.crop_padding = args.crop_padding
         train, test = load_mp100(args.data_dir, split, "train"), load_mp100(args.data_dir, split, "test")
         results = evaluate_semantic(model, processor, test, train, limit=args.limit)

@@ -38,7 +38,12 @@ from processing.embedded import ensure_embedded_benchmark
 from processing.episodes import fixed_test_episodes, make_training_samples
 from processing.evaluation import evaluate_visual_prompt, markdown_table
 from processing.matching_peer import MatchingPeer, train_matching_peer
-from processing.vision_pretraining import MATCH_CENTRE_WEIGHT, attention_match_loss, pretrain_vision_modules
+from processing.vision_pretraining import (
+    MATCH_CENTRE_WEIGHT,
+    attention_cross_entropy,
+    attention_match_loss,
+    pretrain_vision_modules,
+)
 from processing.visualize import save_episode_sheet, save_loss_curves
 
 logger = logging.getLogger("train")
@@ -271,12 +276,6 @@ def _image_attention(weights: torch.Tensor, is_image: torch.Tensor, num_patches:
     return weights[is_image[:, None].expand_as(weights)].view(*weights.shape[:2], num_patches)
 
 
-def _cross_entropy(attention: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over rows and heads of -sum(targets * log attention): attention (N, heads, P), targets (N, P)."""
-    # + eps rather than a clamp: a clamp would stop the gradient of a target the head ignores entirely
-    return -(targets[:, None] * (attention.float() + 1e-6).log()).sum(-1).mean()
-
-
 def keypoint_attention_loss(
     attentions: tuple[torch.Tensor, ...],
     input_ids: torch.LongTensor,
@@ -318,7 +317,7 @@ def keypoint_attention_loss(
     match = attention_match_loss(image_attention, keypoint_labels[rows], config.patch_grid_size, MATCH_CENTRE_WEIGHT)
     last = attentions[-1][rows, :, columns]  # (N, heads, L): last layer, from <keypoint>
     to_prompt = last.gather(-1, prompt_columns[:, None, None].expand(-1, last.shape[1], 1))  # (N, heads, 1)
-    copy = _cross_entropy(to_prompt, torch.ones_like(to_prompt[:, 0]))
+    copy = attention_cross_entropy(to_prompt, torch.ones_like(to_prompt[:, 0]))
     return match + copy
 
 

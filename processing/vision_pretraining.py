@@ -46,6 +46,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 from transformers import Trainer, TrainingArguments
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from modeling_kptllm import KptLlmForKeypointComprehension, KptLlmProcessor
 from modeling_kptllm.modeling_kptllm import average_pool_around, patch_centers, patch_offsets
@@ -158,6 +159,12 @@ def prompt_to_patch_cosine(prompt_tokens: torch.Tensor, query_tokens: torch.Tens
 MATCH_CENTRE_WEIGHT = 5.0
 
 
+def attention_cross_entropy(attention: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows and heads of -sum(targets * log attention): attention (N, heads, P), targets (N, P)."""
+    # + eps rather than a clamp: a clamp would stop the gradient of a target the head ignores entirely
+    return -(targets[:, None] * (attention.float() + 1e-6).log()).sum(-1).mean()
+
+
 def attention_match_loss(weights: torch.Tensor, target_coords: torch.Tensor, grid_size: int, centre_weight: float) -> torch.Tensor:
     """How well attention weights over the query patches match a target point.
 
@@ -169,9 +176,7 @@ def attention_match_loss(weights: torch.Tensor, target_coords: torch.Tensor, gri
     points less often than the attention's argmax).
     """
     weights = weights.float()
-    targets = patch_targets(target_coords.float(), grid_size)  # (N, h*w)
-    # + eps rather than a clamp: a clamp would stop the gradient of a target the head ignores entirely
-    match = -(targets[:, None] * (weights + 1e-6).log()).sum(-1).mean()
+    match = attention_cross_entropy(weights, patch_targets(target_coords.float(), grid_size))
     centres = patch_centers(grid_size, weights.device)  # (h*w, 2)
     soft_centre = weights @ centres / weights.sum(-1, keepdim=True).clamp(min=1e-12)  # (N, heads, 2)
     return match + centre_weight * (soft_centre - target_coords.float()[:, None]).abs().sum(-1).mean()
@@ -196,9 +201,6 @@ class FirstLayerMatch(nn.Module):
         self.layer = decoder.layers[0]  # registered: the Trainer trains its norm and projections
         self.rotary_emb = decoder.rotary_emb
         text_config = model.config.text_config
-        self.num_heads = text_config.num_attention_heads
-        self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // self.num_heads
         self.grid_size = model.config.patch_grid_size
         self.prompt_distance = prompt_distance
         self.centre_weight = centre_weight
@@ -207,9 +209,7 @@ class FirstLayerMatch(nn.Module):
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """RoPE (Llama's rotate-half convention) of x (M, heads, L, hd) at positions (L,)."""
         cos, sin = self.rotary_emb(x, positions[None])  # (1, L, hd)
-        cos, sin = cos[:, None], sin[:, None]
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+        return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
     def attend(self, prompt_tokens: torch.Tensor, query_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's attention from z_p over [z_q, z_p]: weights (M, heads, h*w+1) and output (M, D).
@@ -218,16 +218,18 @@ class FirstLayerMatch(nn.Module):
         """
         rows, patches = query_tokens.shape[:2]
         attention = self.layer.self_attn
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:  # (M, L, heads*hd) -> (M, heads, L, hd)
+            return x.view(rows, x.shape[1], -1, attention.head_dim).transpose(1, 2)
+
         tokens = self.layer.input_layernorm(torch.cat([query_tokens, prompt_tokens[:, None]], 1))  # (M, h*w+1, D)
-        queries = attention.q_proj(tokens[:, -1:]).view(rows, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = attention.k_proj(tokens).view(rows, patches + 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = attention.v_proj(tokens).view(rows, patches + 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        queries = split_heads(attention.q_proj(tokens[:, -1:]))  # (M, H, 1, hd)
+        keys, values = split_heads(attention.k_proj(tokens)), split_heads(attention.v_proj(tokens))  # (M, H_kv, h*w+1, hd)
         positions = torch.arange(patches + 1, device=tokens.device)
         positions[-1] = patches - 1 + self.prompt_distance  # z_p sits this far after the last z_q token
         queries, keys = self._rotate(queries, positions[-1:]), self._rotate(keys, positions)
-        repeat = self.num_heads // self.num_kv_heads
-        keys, values = keys.repeat_interleave(repeat, 1), values.repeat_interleave(repeat, 1)  # (M, H, h*w+1, hd)
-        weights = (queries @ keys.transpose(-1, -2) * self.head_dim**-0.5).softmax(-1)  # (M, H, 1, h*w+1)
+        keys, values = repeat_kv(keys, attention.num_key_value_groups), repeat_kv(values, attention.num_key_value_groups)
+        weights = (queries @ keys.transpose(-1, -2) * attention.scaling).softmax(-1)  # (M, H, 1, h*w+1)
         fetched = attention.o_proj((weights @ values).transpose(1, 2).reshape(rows, -1))  # (M, D)
         return weights[:, :, 0], fetched
 
@@ -304,17 +306,17 @@ class VisionPretrainingModel(nn.Module):
                 names.append(query_labels[query_mask])
             loss = loss + F.cross_entropy(self.classifier(torch.cat(named)), torch.cat(names))
 
-            matched = (support_mask & query_mask)[support_mask]  # (N_s,): shown in both crops
+            in_both = support_mask & query_mask  # (B, K)
+            matched = in_both[support_mask]  # (N_s,): shown in both crops
             if matched.any():
                 prompt_tokens = self.prompt_projector(support_prompts[matched])  # (M, D_llm)
-                rows = (support_mask & query_mask).nonzero(as_tuple=True)[0]  # (M,)
-                similarity = prompt_to_patch_cosine(prompt_tokens, query_tokens[rows])  # (M, h*w)
+                matched_query_tokens = query_tokens[in_both.nonzero(as_tuple=True)[0]]  # (M, h*w, D_llm)
+                similarity = prompt_to_patch_cosine(prompt_tokens, matched_query_tokens)  # (M, h*w)
                 logits = self.logit_scale.exp().clamp(max=100) * similarity
-                target_coords = query_keypoint_coords[support_mask & query_mask]  # (M, 2)
-                targets = patch_targets(target_coords, self.grid_size)
-                loss = loss + F.cross_entropy(logits, targets)
+                target_coords = query_keypoint_coords[in_both]  # (M, 2)
+                loss = loss + F.cross_entropy(logits, patch_targets(target_coords, self.grid_size))
                 if self.first_layer_match is not None:
-                    loss = loss + self.first_layer_match(prompt_tokens, query_tokens[rows], target_coords)
+                    loss = loss + self.first_layer_match(prompt_tokens, matched_query_tokens, target_coords)
         return {"loss": loss}
 
 
