@@ -142,7 +142,9 @@ class DataArguments:
     group_by_instance: bool = field(
         default=True,
         metadata={"help": "consecutive rows = the keypoints of one instance with one support draw: each crop is encoded "
-                          "once per batch (rows are then not reshuffled by the Trainer)"},
+                          "once per batch, and the rows of one query crop compute its system prompt and image tokens "
+                          "once (share_prefix: the same loss and gradients, ~40% less time per tiny step); rows are "
+                          "then not reshuffled by the Trainer"},
     )
     identify_then_detect: bool = field(default=True, metadata={"help": "False: Table 5 ablation"})
     crop_padding: float = field(default=1.25, metadata={"help": "crop side = padding x max(bbox w, h)"})
@@ -312,10 +314,12 @@ def keypoint_attention_loss(
         return attentions[-1].sum() * 0.0
     num_patches = config.patch_grid_size**2
     prompt_columns = is_prompt.float().argmax(-1)  # the first <kpt_prompt> (one per row under mean shot fusion)
-    first = attentions[0][rows, :, prompt_columns]  # (N, heads, L): first layer, from <kpt_prompt>
+    # attention rows may start after a shared prefix (share_prefix: (B, heads, L - P, L)); columns cover all L
+    offset = attentions[0].shape[-1] - attentions[0].shape[-2]
+    first = attentions[0][rows, :, prompt_columns - offset]  # (N, heads, L): first layer, from <kpt_prompt>
     image_attention = _image_attention(first, input_ids[rows] == config.image_token_id, num_patches)
     match = attention_match_loss(image_attention, keypoint_labels[rows], config.patch_grid_size, MATCH_CENTRE_WEIGHT)
-    last = attentions[-1][rows, :, columns]  # (N, heads, L): last layer, from <keypoint>
+    last = attentions[-1][rows, :, columns - offset]  # (N, heads, L): last layer, from <keypoint>
     to_prompt = last.gather(-1, prompt_columns[:, None, None].expand(-1, last.shape[1], 1))  # (N, heads, 1)
     copy = attention_cross_entropy(to_prompt, torch.ones_like(to_prompt[:, 0]))
     return match + copy
@@ -325,18 +329,23 @@ class KptLlmTrainer(Trainer):
     """HF `Trainer` that also logs the parts of the loss: LM cross-entropy, the keypoint L1 and, when
     `keypoint_attention_weight` > 0, the auxiliary attention term (added to the loss).
 
+    With `share_prefix`, training batches go through the model's shared-prefix path (rows of one query
+    crop compute their system prompt and image tokens once; `KptLlmForKeypointComprehension.forward`).
     The logged parts are this process's means since the last log (the total `loss` is Trainer's own).
     """
 
-    def __init__(self, *args, keypoint_attention_weight: float = 0.0, **kwargs):
+    def __init__(self, *args, keypoint_attention_weight: float = 0.0, share_prefix: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.keypoint_attention_weight = keypoint_attention_weight
+        self.share_prefix = share_prefix
         self._loss_parts: dict[str, list[torch.Tensor]] = {"lm_loss": [], "keypoint_loss": [], "attention_loss": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         supervise_attention = self.keypoint_attention_weight > 0 and model.training and "keypoint_labels" in inputs
         if supervise_attention:
             inputs = {**inputs, "output_attentions": True}
+        if self.share_prefix and model.training:
+            inputs = {**inputs, "share_prefix": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if supervise_attention:
             config = self.accelerator.unwrap_model(model).config
@@ -478,6 +487,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     trainer = KptLlmTrainer(
         model=model,
         keypoint_attention_weight=model_args.keypoint_attention_weight,
+        share_prefix=data_args.group_by_instance,
         args=training_args,
         train_dataset=train_dataset,
         data_collator=KptLlmDataCollator(pad_token_id=processor.tokenizer.pad_token_id),

@@ -38,12 +38,14 @@ class KptLlmOutput(ModelOutput):
     loss: `lm_loss + keypoint_loss_weight * keypoint_loss` when labels are given.
     lm_loss: next-token cross-entropy on the answer tokens (labels != -100).
     keypoint_loss: L1 between predicted and target coordinates of visible keypoints.
-    logits: (B, L, V) next-token scores.
+    logits: (B, L, V) next-token scores; (B, L - shared_prefix_length, V) under `share_prefix`.
     pred_keypoints: (B, 2) normalized (x, y) regressed at each row's `<keypoint>` token; NaN for rows
         without one.
     cache: the language model's key/value cache.
     attentions: with `output_attentions=True` (eager attention), the LLM's (B, heads, L, L) attention
-        weights, one per layer.
+        weights, one per layer; under `share_prefix` only the rows' own queries: (B, heads, L - P, L).
+    shared_prefix_length: P, the leading tokens computed once per distinct query crop (`share_prefix`);
+        None when every row was computed in full.
     """
 
     loss: torch.FloatTensor | None = None
@@ -53,6 +55,7 @@ class KptLlmOutput(ModelOutput):
     pred_keypoints: torch.FloatTensor | None = None
     cache: Cache | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    shared_prefix_length: int | None = None
 
 
 @dataclass
@@ -147,6 +150,27 @@ class KptLlmPromptEncoder(nn.Module):
         return self.norm(self.mlp(embedding.to(self.mlp[0].weight.dtype)))  # (N, D)
 
 
+def scores_against_own_memory(queries: torch.Tensor, keys: torch.Tensor, memory_index: torch.Tensor) -> torch.Tensor:
+    """queries (N, H, Lq, d) . keys of each query row's own memory row: keys (M, H, Lk, d), memory_index (N,)
+    -> (N, H, Lq, Lk).
+
+    Many rows share one memory row (the K prompts of one image): every row is scored against all M memory
+    rows in one product and its own row is kept, rather than copying that row's keys per query row (the
+    copy and its backward were ~40% of the prompt extractor's time in stage 0).
+    """
+    all_pairs = torch.einsum("nhqd,mhkd->nhqmk", queries, keys)  # (N, H, Lq, M, Lk)
+    index = memory_index.view(-1, 1, 1, 1, 1).expand(*all_pairs.shape[:3], 1, all_pairs.shape[-1])
+    return all_pairs.gather(3, index).squeeze(3)
+
+
+def weighted_sum_of_own_memory(weights: torch.Tensor, values: torch.Tensor, memory_index: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[n, h, q, k] * values[memory_index[n], h, k]: weights (N, H, Lq, Lk), values (M, H, Lk, d)
+    -> (N, H, Lq, d), with no per-row copy of the values (see `scores_against_own_memory`)."""
+    index = memory_index.view(-1, 1, 1, 1, 1).expand(*weights.shape[:3], 1, weights.shape[-1])
+    spread = weights.new_zeros(*weights.shape[:3], values.shape[0], weights.shape[-1])  # (N, H, Lq, M, Lk)
+    return torch.einsum("nhqmk,mhkd->nhqd", spread.scatter(3, index, weights.unsqueeze(3)), values)
+
+
 class KptLlmAttention(nn.Module):
     """Multi-head attention with separate q/k/v/o projections (plain Linears: LoRA-, ZeRO- and init-friendly).
 
@@ -180,10 +204,13 @@ class KptLlmAttention(nn.Module):
         def split_heads(x: torch.Tensor) -> torch.Tensor:  # (N, L, D) -> (N, H, L, D/H)
             return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
 
+        queries = split_heads(self.q_proj(query))  # (N, H, Lq, D/H)
         keys, values = split_heads(self.k_proj(key)), split_heads(self.v_proj(value))  # (M, H, Lk, D/H)
-        if memory_index is not None:
-            keys, values = keys[memory_index], values[memory_index]  # (N, H, Lk, D/H)
-        attended = F.scaled_dot_product_attention(split_heads(self.q_proj(query)), keys, values)  # (N, H, Lq, D/H)
+        if memory_index is None:
+            attended = F.scaled_dot_product_attention(queries, keys, values)  # (N, H, Lq, D/H)
+        else:
+            scores = scores_against_own_memory(queries, keys, memory_index) * queries.shape[-1] ** -0.5  # (N, H, Lq, Lk)
+            attended = weighted_sum_of_own_memory(scores.softmax(-1), values, memory_index)  # (N, H, Lq, D/H)
         return self.o_proj(attended.transpose(1, 2).reshape(batch, q_len, dim))
 
 
@@ -531,25 +558,37 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         keypoint_visible: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        share_prefix: bool = False,
         **kwargs,
     ) -> KptLlmOutput:
+        """`share_prefix=True` (training): rows with the same query crop compute their common start (system
+        prompt and query image, `shared_training_prefix`) once; the loss, keypoints and gradients are those
+        of the full computation, while `logits` and `attentions` cover the rows' own tokens only."""
         if input_ids is None:
             raise ValueError("input_ids are required: placeholders are found by token id")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # Trainer's, for the LM loss only
         inputs_embeds = self.embed_multimodal_inputs(
             input_ids, pixel_values, support_pixel_values, prompt_coords, prompt_visible
         )
-        outputs = self.get_decoder()(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state  # (B, L, D_llm)
+        prefix_length = 0
+        if share_prefix and cache is None and position_ids is None and not logits_to_keep:
+            prefix_length = self.shared_training_prefix(input_ids, attention_mask, pixel_values, labels)
+        if prefix_length:
+            outputs = self._decode_with_shared_prefix(prefix_length, inputs_embeds, attention_mask, pixel_values, **kwargs)
+            input_ids = input_ids[:, prefix_length:]
+            labels = None if labels is None else labels[:, prefix_length:]
+        else:
+            outputs = self.get_decoder()(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = outputs.last_hidden_state  # (B, L - P, D_llm)
         kept = hidden_states if not logits_to_keep else hidden_states[:, -logits_to_keep:]
-        logits = self.get_output_embeddings()(kept)  # (B, L, V)
+        logits = self.get_output_embeddings()(kept)  # (B, L - P, V)
         pred_keypoints = self.predict_keypoints(input_ids, hidden_states)  # (B, 2)
 
         loss = lm_loss = kpt_loss = None
@@ -571,8 +610,78 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
             keypoint_loss=kpt_loss,
             logits=logits,
             pred_keypoints=pred_keypoints,
-            cache=outputs.cache if use_cache else None,
+            cache=outputs.cache if use_cache and not prefix_length else None,
             attentions=outputs.attentions,
+            shared_prefix_length=prefix_length or None,
+        )
+
+    def shared_training_prefix(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        labels: torch.LongTensor | None,
+    ) -> int:
+        """Leading tokens of a training batch that rows with the same query crop can compute once.
+
+        The processor's layout starts every row with the same ids up to the last `<image>` token (system
+        prompt, "USER:", the query image's placeholders); the K keypoint rows of one instance also share
+        the crop, hence the same hidden states there. Returns that length P, or 0 (compute every row in
+        full) when the batch does not have this form: ids differ before it, a row is padded or supervised
+        there (the LM loss would miss the label at P), no two rows share a crop, or activations are
+        recomputed (gradient checkpointing turns the KV cache off).
+        """
+        if pixel_values is None or pixel_values.ndim != 4 or pixel_values.shape[0] != input_ids.shape[0]:
+            return 0
+        if self.is_gradient_checkpointing or input_ids.shape[0] < 2:
+            return 0
+        is_image = input_ids[0] == self.config.image_token_id
+        if not is_image.any():
+            return 0
+        prefix_length = int(is_image.nonzero().max()) + 1
+        if not (input_ids[:, :prefix_length] == input_ids[:1, :prefix_length]).all():
+            return 0
+        if attention_mask is not None and not attention_mask[:, :prefix_length].bool().all():
+            return 0
+        if labels is not None and (labels[:, : prefix_length + 1] != -100).any():
+            return 0
+        if len(torch.unique(pixel_values.flatten(1), dim=0)) == len(pixel_values):
+            return 0
+        return prefix_length
+
+    def _decode_with_shared_prefix(
+        self,
+        prefix_length: int,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor,
+        **kwargs,
+    ):
+        """The LLM over a batch whose rows share their first P tokens per query crop: the prefix of each
+        distinct crop once, its KV cache handed to every row of that crop, then the rows' own tokens.
+
+        inputs_embeds (B, L, D_llm) -> the decoder's output for columns P..L-1 (B, L - P, D_llm); positions
+        and masking are those of the full computation, and gradients reach the prefix through the cache.
+        """
+        batch, length, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        _, crop_of_row = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)  # (B,) in 0..U-1
+        first_row = torch.full((int(crop_of_row.max()) + 1,), batch, device=device)
+        first_row = first_row.scatter_reduce(0, crop_of_row, torch.arange(batch, device=device), reduce="amin")  # (U,)
+        decoder = self.get_decoder()
+        prefix_positions = torch.arange(prefix_length, device=device)[None].expand(len(first_row), -1)  # (U, P)
+        cache = decoder(
+            inputs_embeds=inputs_embeds[first_row, :prefix_length], position_ids=prefix_positions, use_cache=True
+        ).cache
+        cache.batch_select_indices(crop_of_row)  # every layer's keys/values: (U, H, P, d) -> (B, H, P, d)
+        positions = torch.arange(prefix_length, length, device=device)[None].expand(batch, -1)  # (B, L - P)
+        return decoder(
+            inputs_embeds=inputs_embeds[:, prefix_length:],
+            attention_mask=attention_mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            **kwargs,
         )
 
     def prepare_inputs_for_generation(self, *args, **kwargs):

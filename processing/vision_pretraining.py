@@ -49,7 +49,13 @@ from transformers import Trainer, TrainingArguments
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from modeling_kptllm import KptLlmForKeypointComprehension, KptLlmProcessor
-from modeling_kptllm.modeling_kptllm import average_pool_around, patch_centers, patch_offsets
+from modeling_kptllm.modeling_kptllm import (
+    average_pool_around,
+    patch_centers,
+    patch_offsets,
+    scores_against_own_memory,
+    weighted_sum_of_own_memory,
+)
 from modeling_kptllm.processing_kptllm import normalize_points, square_crop_box
 
 from .coco import load_image
@@ -150,9 +156,16 @@ def patch_targets(coords: torch.Tensor, grid_size: int) -> torch.Tensor:
     return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
-def prompt_to_patch_cosine(prompt_tokens: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each prompt token z_p to every query token z_q of its row: (P, D), (P, h*w, D) -> (P, h*w)."""
-    return torch.einsum("pd,pnd->pn", F.normalize(prompt_tokens, dim=-1), F.normalize(query_tokens, dim=-1))
+def prompt_to_patch_cosine(prompt_tokens: torch.Tensor, query_tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosine similarity of each prompt token z_p to every query token z_q of its crop -> (P, h*w).
+
+    prompt_tokens (P, D); query_tokens (P, h*w, D), one crop per prompt, or (B, h*w, D) with `rows` (P,)
+    naming each prompt's crop.
+    """
+    prompts, patches = F.normalize(prompt_tokens, dim=-1), F.normalize(query_tokens, dim=-1)
+    if rows is None:
+        return torch.einsum("pd,pnd->pn", prompts, patches)
+    return scores_against_own_memory(prompts[:, None, None], patches[:, None], rows)[:, 0, 0]
 
 
 # Weight of the attention-weighted patch centre's L1 beside the match cross-entropy (attention_match_loss).
@@ -211,31 +224,44 @@ class FirstLayerMatch(nn.Module):
         cos, sin = self.rotary_emb(x, positions[None])  # (1, L, hd)
         return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
-    def attend(self, prompt_tokens: torch.Tensor, query_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(
+        self, prompt_tokens: torch.Tensor, query_tokens: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's attention from z_p over [z_q, z_p]: weights (M, heads, h*w+1) and output (M, D).
 
-        prompt_tokens (M, D), query_tokens (M, h*w, D): LLM-width embeddings, as they enter the LLM.
+        prompt_tokens (M, D): LLM-width z_p; query_tokens (B, h*w, D): z_q of B query crops, as they enter
+        the LLM; rows (M,): each prompt's query crop. Each crop's keys and values are projected once.
         """
-        rows, patches = query_tokens.shape[:2]
         attention = self.layer.self_attn
+        patches = query_tokens.shape[1]
 
-        def split_heads(x: torch.Tensor) -> torch.Tensor:  # (M, L, heads*hd) -> (M, heads, L, hd)
-            return x.view(rows, x.shape[1], -1, attention.head_dim).transpose(1, 2)
+        def split_heads(x: torch.Tensor) -> torch.Tensor:  # (N, L, heads*hd) -> (N, heads, L, hd)
+            return x.view(x.shape[0], x.shape[1], -1, attention.head_dim).transpose(1, 2)
 
-        tokens = self.layer.input_layernorm(torch.cat([query_tokens, prompt_tokens[:, None]], 1))  # (M, h*w+1, D)
-        queries = split_heads(attention.q_proj(tokens[:, -1:]))  # (M, H, 1, hd)
-        keys, values = split_heads(attention.k_proj(tokens)), split_heads(attention.v_proj(tokens))  # (M, H_kv, h*w+1, hd)
-        positions = torch.arange(patches + 1, device=tokens.device)
-        positions[-1] = patches - 1 + self.prompt_distance  # z_p sits this far after the last z_q token
-        queries, keys = self._rotate(queries, positions[-1:]), self._rotate(keys, positions)
-        keys, values = repeat_kv(keys, attention.num_key_value_groups), repeat_kv(values, attention.num_key_value_groups)
-        weights = (queries @ keys.transpose(-1, -2) * attention.scaling).softmax(-1)  # (M, H, 1, h*w+1)
-        fetched = attention.o_proj((weights @ values).transpose(1, 2).reshape(rows, -1))  # (M, D)
+        def keys_and_values(tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys = self._rotate(split_heads(attention.k_proj(tokens)), positions)
+            values = split_heads(attention.v_proj(tokens))
+            groups = attention.num_key_value_groups
+            return repeat_kv(keys, groups), repeat_kv(values, groups)  # (N, H, L, hd) each
+
+        patch_positions = torch.arange(patches, device=query_tokens.device)
+        prompt_position = patch_positions[-1:] + self.prompt_distance  # z_p sits this far after the last z_q token
+        normed_patches = self.layer.input_layernorm(query_tokens)  # (B, h*w, D)
+        normed_prompts = self.layer.input_layernorm(prompt_tokens[:, None])  # (M, 1, D)
+        queries = self._rotate(split_heads(attention.q_proj(normed_prompts)), prompt_position)  # (M, H, 1, hd)
+        patch_keys, patch_values = keys_and_values(normed_patches, patch_positions)  # (B, H, h*w, hd)
+        own_key, own_value = keys_and_values(normed_prompts, prompt_position)  # (M, H, 1, hd)
+        scores = torch.cat([scores_against_own_memory(queries, patch_keys, rows), queries @ own_key.transpose(-1, -2)], -1)
+        weights = (scores * attention.scaling).softmax(-1)  # (M, H, 1, h*w+1)
+        mixed = weighted_sum_of_own_memory(weights[..., :-1], patch_values, rows) + weights[..., -1:] * own_value
+        fetched = attention.o_proj(mixed.transpose(1, 2).reshape(len(prompt_tokens), -1))  # (M, D)
         return weights[:, :, 0], fetched
 
-    def forward(self, prompt_tokens: torch.Tensor, query_tokens: torch.Tensor, target_coords: torch.Tensor) -> torch.Tensor:
-        # prompt_tokens (M, D), query_tokens (M, h*w, D), target_coords (M, 2) -> scalar loss
-        weights, fetched = self.attend(prompt_tokens, query_tokens)
+    def forward(
+        self, prompt_tokens: torch.Tensor, query_tokens: torch.Tensor, rows: torch.Tensor, target_coords: torch.Tensor
+    ) -> torch.Tensor:
+        # prompt_tokens (M, D), query_tokens (B, h*w, D), rows (M,), target_coords (M, 2) -> scalar loss
+        weights, fetched = self.attend(prompt_tokens, query_tokens, rows)
         match = attention_match_loss(weights[..., :-1], target_coords, self.grid_size, self.centre_weight)
         return match + self.centre_weight * (self.fetch_probe(fetched) - target_coords).abs().sum(-1).mean()
 
@@ -310,13 +336,13 @@ class VisionPretrainingModel(nn.Module):
             matched = in_both[support_mask]  # (N_s,): shown in both crops
             if matched.any():
                 prompt_tokens = self.prompt_projector(support_prompts[matched])  # (M, D_llm)
-                matched_query_tokens = query_tokens[in_both.nonzero(as_tuple=True)[0]]  # (M, h*w, D_llm)
-                similarity = prompt_to_patch_cosine(prompt_tokens, matched_query_tokens)  # (M, h*w)
+                rows = in_both.nonzero(as_tuple=True)[0]  # (M,): each prompt's query crop
+                similarity = prompt_to_patch_cosine(prompt_tokens, query_tokens, rows)  # (M, h*w)
                 logits = self.logit_scale.exp().clamp(max=100) * similarity
                 target_coords = query_keypoint_coords[in_both]  # (M, 2)
                 loss = loss + F.cross_entropy(logits, patch_targets(target_coords, self.grid_size))
                 if self.first_layer_match is not None:
-                    loss = loss + self.first_layer_match(prompt_tokens, matched_query_tokens, target_coords)
+                    loss = loss + self.first_layer_match(prompt_tokens, query_tokens, rows, target_coords)
         return {"loss": loss}
 
 

@@ -245,6 +245,20 @@ def test_keypoint_attention_loss_teaches_a_visual_row_to_match_in_the_first_laye
     assert loss(match_column=3, copy_column=5) < loss(match_column=5, copy_column=5)  # z_p looking at itself
 
 
+def test_keypoint_attention_loss_reads_attention_rows_that_start_after_a_shared_prefix():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(keypoint_token_id=7, image_token_id=5, kpt_prompt_token_id=6, patch_grid_size=2)
+    input_ids = torch.tensor([[1, 5, 5, 5, 5, 6, 9, 7], [1, 5, 5, 5, 5, 6, 7, 0]])
+    targets, visible = torch.tensor([[0.25, 0.75], [0.7, 0.3]]), torch.tensor([1, 1])
+    attentions = tuple(torch.rand(2, 2, 8, 8).softmax(-1) for _ in range(3))
+    full = train.keypoint_attention_loss(attentions, input_ids, targets, visible, config)
+    prefix = 5  # share_prefix: only the rows' own queries (B, heads, L - P, L)
+    shared = train.keypoint_attention_loss(tuple(a[:, :, prefix:] for a in attentions), input_ids, targets, visible, config)
+    assert full.item() > 0
+    torch.testing.assert_close(shared, full)
+
+
 def test_stage0_runs_before_training_from_scratch_only(data_dir, tmp_path, monkeypatch):
     steps_run = []
     pretrain = train.pretrain_vision_modules

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from modeling_kptllm import KptLlmForKeypointComprehension
 from modeling_kptllm.modeling_kptllm import average_pool_around, sine_cosine_embedding
 from processing.builders import template_corpus, tiny_config, train_byte_level_tokenizer
+from processing.collator import KptLlmDataCollator
 
 from tests.helpers import KEYPOINT_NAMES, random_image
 
@@ -140,6 +141,56 @@ def test_shared_query_crop_equals_repeated_crops(tiny, images):
     torch.testing.assert_close(shared.logits, repeated.logits)
     per_prompt_support = dict(batch, support_pixel_values=batch["support_pixel_values"].repeat(3, 1, 1, 1))
     torch.testing.assert_close(model(**per_prompt_support).logits, shared.logits)
+
+
+def training_rows(processor, images, tasks=("visual", "textual", "visual")):
+    """A training batch as KptLlmDataCollator builds it: two query crops, one row per task each (visual
+    and textual rows differ in length: right padding)."""
+    features = []
+    for query in ("query", "support"):
+        for k, task in enumerate(tasks):
+            kwargs = dict(query=images[query], task=task, kpt_names=[NAMES[k]], query_kpts=[SUPPORT_KPTS[k]],
+                          query_visible=[1], return_labels=True)
+            if task == "visual":
+                kwargs.update(support=images["support2"], kpts=[SUPPORT_KPTS[k]])
+            features.append(dict(processor(**kwargs)))
+    return KptLlmDataCollator(pad_token_id=processor.tokenizer.pad_token_id)(features)
+
+
+def loss_and_gradients(model, batch, share_prefix):
+    model.zero_grad()
+    out = model(**batch, output_attentions=True, share_prefix=share_prefix)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_shared_prefix_training_equals_the_full_rows(tiny, images):
+    model = copy.deepcopy(tiny[0]).train()
+    model.set_attn_implementation("eager")
+    batch = training_rows(tiny[1], images)
+    assert batch["attention_mask"].eq(0).any()  # right padding: the rows differ in length
+    full, full_grads = loss_and_gradients(model, batch, share_prefix=False)
+    shared, shared_grads = loss_and_gradients(model, batch, share_prefix=True)
+
+    prefix = int((batch["input_ids"][0] == model.config.image_token_id).nonzero().max()) + 1
+    assert full.shared_prefix_length is None and shared.shared_prefix_length == prefix
+    for key in ("loss", "lm_loss", "keypoint_loss"):
+        torch.testing.assert_close(shared[key], full[key])
+    torch.testing.assert_close(shared.pred_keypoints, full.pred_keypoints, equal_nan=True)
+    torch.testing.assert_close(shared.logits, full.logits[:, prefix:], atol=1e-5, rtol=1e-4)
+    for layer_shared, layer_full in zip(shared.attentions, full.attentions, strict=True):
+        torch.testing.assert_close(layer_shared, layer_full[:, :, prefix:], atol=1e-6, rtol=1e-4)
+    assert shared_grads.keys() == full_grads.keys() and any("vision_tower" in name for name in full_grads)
+    for name, gradient in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], gradient, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_shared_prefix_needs_rows_that_share_a_query_crop(tiny, images):
+    model, processor = tiny
+    batch = training_rows(processor, images, tasks=("visual",))  # one row per crop: nothing to share
+    out = model(**batch, share_prefix=True)
+    assert out.shared_prefix_length is None
+    assert out.logits.shape[1] == batch["input_ids"].shape[1]
 
 
 def test_invisible_support_shots_do_not_affect_the_prompt(tiny, images):

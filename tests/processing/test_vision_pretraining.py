@@ -16,6 +16,7 @@ from processing.vision_pretraining import (
     patch_targets,
     pretrain_vision_modules,
     prompt_distance,
+    prompt_to_patch_cosine,
 )
 from train import keypoint_vocabulary
 
@@ -167,13 +168,33 @@ def test_the_first_layer_match_is_the_llms_own_first_attention_from_the_prompt(t
         ids = inputs["input_ids"]
         is_image, prompt_column = ids[0] == config.image_token_id, (ids[0] == config.kpt_prompt_token_id).nonzero()[0, 0]
         match = FirstLayerMatch(model, prompt_distance(processor, config))
-        weights, _ = match.attend(embeds[:, prompt_column], embeds[:, is_image])  # (K, heads, h*w+1)
+        rows = torch.arange(len(ids))  # one query crop per row here
+        weights, _ = match.attend(embeds[:, prompt_column], embeds[:, is_image], rows)  # (K, heads, h*w+1)
     real = out.attentions[0][:, :, prompt_column]  # (K, heads, L)
     real_image = real[:, :, is_image]
     torch.testing.assert_close(real_image / real_image.sum(-1, keepdim=True),
                                weights[..., :-1] / weights[..., :-1].sum(-1, keepdim=True), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(real[:, :, prompt_column] / real_image.sum(-1),
                                weights[..., -1] / weights[..., :-1].sum(-1), rtol=1e-4, atol=1e-6)  # z_p's own key
+
+
+def test_prompts_that_share_a_query_crop_are_scored_as_with_one_copy_of_the_crop_each(tiny):
+    """FirstLayerMatch and the cosine read each crop's tokens once (rows name the crop of each prompt);
+    the result is the one of copying the crop's tokens per prompt."""
+    model = copy.deepcopy(tiny[0])
+    for parameter in model.language_model.get_decoder().layers[0].parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    match = FirstLayerMatch(model, prompt_distance=3)
+    width = model.config.text_config.hidden_size
+    query_tokens, prompt_tokens = torch.randn(3, model.config.patch_grid_size**2, width), torch.randn(5, width)
+    rows = torch.tensor([2, 0, 2, 1, 2])
+    copies = torch.arange(5)
+    with torch.no_grad():
+        for grouped, copied in zip(match.attend(prompt_tokens, query_tokens, rows),
+                                   match.attend(prompt_tokens, query_tokens[rows], copies), strict=True):
+            torch.testing.assert_close(grouped, copied)
+    torch.testing.assert_close(prompt_to_patch_cosine(prompt_tokens, query_tokens, rows),
+                               prompt_to_patch_cosine(prompt_tokens, query_tokens[rows]))
 
 
 def test_the_attention_match_loss_rewards_a_sharp_attention_on_the_target_over_a_spread_one():
