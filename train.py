@@ -37,7 +37,7 @@ from processing.collator import KeypointTrainingDataset, KptLlmDataCollator
 from processing.embedded import ensure_embedded_benchmark
 from processing.episodes import fixed_test_episodes, make_training_samples
 from processing.evaluation import evaluate_visual_prompt, markdown_table
-from processing.matching_peer import MatchingPeer, train_matching_peer
+from processing.matching_peer import BackgroundPeerTraining, MatchingPeer, train_matching_peer
 from processing.vision_pretraining import (
     MATCH_CENTRE_WEIGHT,
     attention_cross_entropy,
@@ -57,7 +57,7 @@ PRESETS: dict[str, list[str]] = {
         "--logging_steps", "25", "--save_steps", "250", "--save_total_limit", "2", "--report_to", "none",
         "--use_cpu", "true", "--dataloader_num_workers", "0", "--remove_unused_columns", "false", "--seed", "0",
         "--vision_pretraining_steps", "800", "--keypoint_attention_weight", "1.0",
-        "--train_vision_modules", "false", "--matching_peer_steps", "300",
+        "--train_vision_modules", "false", "--matching_peer_steps", "300", "--matching_peer_in_background", "true",
         "--task_mix", "visual=0.8,textual=0.1,semantic=0.1",
     ],
     # pretrained SmolLM2-135M-Instruct (LoRA) + a small random CLIP tower (trained fully); CPU or one GPU
@@ -110,6 +110,11 @@ class ModelArguments:
         metadata={"help": "train a CAPE matching peer (processing/matching_peer.py: correlation heatmap, soft-argmax, "
                           "refinement) for this many steps from a copy of the stage-0 modules, saved to "
                           "OUTPUT_DIR/matching_peer and scored beside KptLLM; 0: none"},
+    )
+    matching_peer_in_background: bool = field(
+        default=False,
+        metadata={"help": "on one CPU process, train the matching peer in a child process (one thread each) while "
+                          "KptLLM trains (tiny: true; the tiny model's operations barely use a second thread)"},
     )
     keypoint_attention_weight: float = field(
         default=0.0,
@@ -433,20 +438,25 @@ def export_model(trainer: Trainer, processor: KptLlmProcessor, model_dir: Path, 
 
 
 def prepare_matching_peer(model, processor, train_instances, output_dir: Path, model_args: ModelArguments,
-                          training_args: TrainingArguments) -> MatchingPeer | None:
+                          training_args: TrainingArguments) -> MatchingPeer | BackgroundPeerTraining | None:
     """The CAPE matching peer scored beside KptLLM: trained from a copy of the modules in front of the LLM
-    as they are now (after stage 0) and saved to OUTPUT_DIR/matching_peer, or read back from there."""
+    as they are now (after stage 0) and saved to OUTPUT_DIR/matching_peer, or read back from there.
+    With `--matching_peer_in_background` (one CPU process only) it trains in a child process while KptLLM
+    trains: call `.join()` on the returned `BackgroundPeerTraining` for the peer."""
     if model_args.matching_peer_steps <= 0 or not training_args.should_save:
         return None
     peer_dir = output_dir / "matching_peer"
-    if (peer_dir / "model.safetensors").is_file():  # a resumed run: trained before the KptLLM stage began
+    if (peer_dir / "model.safetensors").is_file():  # a resumed run: trained before or beside the KptLLM stage
         return MatchingPeer.from_pretrained(peer_dir)
     peer = MatchingPeer.from_stage0(model.get_base_model() if model_args.use_lora else model)
-    train_matching_peer(
-        peer, processor, train_instances, keypoint_vocabulary(train_instances), output_dir,
+    names = keypoint_vocabulary(train_instances)
+    kwargs = dict(
         steps=model_args.matching_peer_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
         train_front=model_args.train_vision_modules,  # the same features as KptLLM: only the LLM differs
     )
+    if model_args.matching_peer_in_background and training_args.use_cpu and training_args.world_size == 1:
+        return BackgroundPeerTraining(peer, processor, train_instances, names, output_dir, **kwargs)
+    train_matching_peer(peer, processor, train_instances, names, output_dir, **kwargs)
     peer.save_pretrained(peer_dir)
     return peer.eval()
 
@@ -495,6 +505,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     )
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_state()  # output_dir/trainer_state.json: the full log history, resumed parts included
+    if isinstance(matching_peer, BackgroundPeerTraining):
+        matching_peer = matching_peer.join()
 
     model_dir = output_dir / "model"
     model = export_model(trainer, processor, model_dir, model_args.use_lora)

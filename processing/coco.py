@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -184,6 +185,36 @@ def load_image(
         # OSError covers truncated files ("image file is truncated"); SyntaxError is what some
         # PIL plugins raise on malformed headers.
         raise ValueError(f"Cannot read image {path}: {error}") from error
+
+
+class DecodedImageCache:
+    """`load_image` with the decoded images kept, least recently used first out, within `max_bytes`.
+
+    Training draws every image many times (stage 0 decodes 32 crops' images per step: ~8% of its
+    step on the embedded benchmark, whose 2,100 training images take ~100 MB decoded). The budget
+    bounds memory on datasets of large photographs; an image larger than the budget is not kept.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = max_bytes
+        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+        self._bytes = 0
+
+    def __call__(self, path: str | os.PathLike[str]) -> Image.Image:
+        key = os.fspath(path)
+        image = self._images.get(key)
+        if image is not None:
+            self._images.move_to_end(key)
+            return image
+        image = load_image(key)
+        size = image.width * image.height * len(image.getbands())
+        if size <= self.max_bytes:
+            self._images[key] = image
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._images.popitem(last=False)
+                self._bytes -= dropped.width * dropped.height * len(dropped.getbands())
+        return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -5,7 +5,6 @@
 takes as is. Use `TrainingArguments(remove_unused_columns=False)`: the inputs are not text columns.
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +13,9 @@ from torch.utils.data import Dataset as TorchDataset
 
 from modeling_kptllm import KptLlmProcessor
 
-from .coco import load_image
+from .coco import DecodedImageCache
 
 SUPPORT_KEYS = ("support_pixel_values", "prompt_coords", "prompt_visible")
-RECENT_IMAGES = 64  # decoded images a training dataset keeps (a few instances' queries and supports)
 
 
 class KeypointTrainingDataset(TorchDataset):
@@ -38,10 +36,10 @@ class KeypointTrainingDataset(TorchDataset):
         self.processor = processor
         self.identify_then_detect = identify_then_detect
         # Arrow row access and PNG decoding were ~40% of a batch's data time: keep the rows as Python
-        # dicts, and the last images decoded (the rows of one instance share its query and support draw)
+        # dicts, and the decoded images (within DecodedImageCache's memory budget)
         self._instance_rows = instances.to_list()
         self._sample_rows = samples.to_list()
-        self._load_image = functools.lru_cache(maxsize=RECENT_IMAGES)(load_image)
+        self._load_image = DecodedImageCache()
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -25,13 +25,15 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import multiprocessing
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -188,6 +190,55 @@ def train_matching_peer(
     logger.info("Matching peer: %d steps on pairs of %d training instances", steps, len(dataset))
     trainer.train()
     return trainer.state.log_history
+
+
+def _train_saved_peer(start_dir: str, crop_padding: float, keypoint_names: list[str], output_dir: str, kwargs: dict) -> None:
+    """A child process's work: train the peer saved in `start_dir` with one thread, save it to OUTPUT_DIR/matching_peer."""
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start = Path(start_dir)
+    peer = MatchingPeer.from_pretrained(start)
+    processor = KptLlmProcessor.from_pretrained(start)
+    processor.crop_padding = crop_padding
+    train_matching_peer(peer, processor, load_from_disk(str(start / "instances")), keypoint_names, output_dir, **kwargs)
+    peer.save_pretrained(Path(output_dir) / "matching_peer")
+
+
+class BackgroundPeerTraining:
+    """`train_matching_peer` in a child process with one thread while the caller trains KptLLM with one.
+
+    Why: the tiny model's operations are too small for a second thread. Two one-thread training processes
+    ran at ~92% of the speed of one two-thread process (docs/embedded_default.md), so the peer trained
+    beside the KptLLM stage costs little wall time, where run before it, it cost ~1 minute. The peer's
+    starting point (`from_stage0`), processor and training instances go to OUTPUT_DIR/matching_peer_start
+    for the child; `join()` waits for it, restores this process's threads and returns the trained peer.
+    """
+
+    def __init__(self, peer: MatchingPeer, processor: KptLlmProcessor, instances: Dataset, keypoint_names: list[str],
+                 output_dir: str | Path, **train_kwargs):
+        self.output_dir = Path(output_dir)
+        self.start_dir = self.output_dir / "matching_peer_start"
+        peer.save_pretrained(self.start_dir)
+        processor.save_pretrained(self.start_dir)
+        instances.save_to_disk(str(self.start_dir / "instances"))
+        args = (str(self.start_dir), processor.crop_padding, list(keypoint_names), str(self.output_dir), train_kwargs)
+        # spawn, not fork: a forked child would inherit this process's torch thread pools; daemon: it
+        # ends with this process if KptLLM training fails
+        self.process = multiprocessing.get_context("spawn").Process(target=_train_saved_peer, args=args, daemon=True)
+        self.process.start()
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def join(self) -> MatchingPeer:
+        self.process.join()
+        torch.set_num_threads(self.threads)
+        if self.process.exitcode != 0:
+            raise RuntimeError(
+                f"training the matching peer in its own process failed (exit code {self.process.exitcode}); "
+                f"its log is above, its starting point in {self.start_dir}"
+            )
+        shutil.rmtree(self.start_dir)
+        return MatchingPeer.from_pretrained(self.output_dir / "matching_peer")
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ from modeling_kptllm.modeling_kptllm import (
 )
 from modeling_kptllm.processing_kptllm import normalize_points, square_crop_box
 
-from .coco import load_image
+from .coco import DecodedImageCache
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class KeypointPairDataset(TorchDataset):
         for row, category in enumerate(instances["category_id"]):
             self.rows_of_category[category].append(row)
         self.draws = [0] * len(instances)  # a fresh jitter and partner every time an instance is drawn again
+        self._load_image = DecodedImageCache()
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -100,7 +101,7 @@ class KeypointPairDataset(TorchDataset):
         scale = rng.uniform(1 - self.jitter, 1 + self.jitter)
         x += rng.uniform(-self.jitter, self.jitter) * w + w * (1 - scale) / 2
         y += rng.uniform(-self.jitter, self.jitter) * h + h * (1 - scale) / 2
-        image = load_image(row["image_path"])
+        image = self._load_image(row["image_path"])
         box = square_crop_box([x, y, w * scale, h * scale], image.size, self.processor.crop_padding, f"{row['image_path']}: bbox")
         pixel_values = self.processor._pixel_values([self.processor._crop(image, box)])[0]  # (3, H, W)
         coords = normalize_points(np.asarray(row["keypoints"], dtype=np.float64), box)  # (K, 2)

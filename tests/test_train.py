@@ -287,7 +287,9 @@ def test_the_final_table_scores_kptllm_beside_the_matching_peer_and_the_cosine_p
             "--vision_pretraining_steps", "2", "--matching_peer_steps", "2", "--train_vision_modules", "false",
             "--eval_queries_per_category", "1", "--eval_shots", "1,2"]
     before = initial_model(argv).vision_tower.state_dict()
-    report = train.main(argv)
+    threads = torch.get_num_threads()
+    report = train.main(argv)  # the tiny preset trains the peer in a child process beside KptLLM
+    assert torch.get_num_threads() == threads and not (out / "matching_peer_start").exists()
     methods = ["KptLLM", "matching peer", "cosine probe (KptLLM's z_p, z_q)", "support-copy", "mean-position"]
     assert list(report["results_by_shots"]) == ["1shot", "2shot"]
     for scores in report["results_by_shots"].values():

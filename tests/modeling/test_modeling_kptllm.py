@@ -74,13 +74,13 @@ def test_gradients_reach_every_trainable_module(images):
     model, processor = build_tiny_model(KEYPOINT_NAMES, seed=1)
     batch = visual_batch(processor, images)
     model(**batch).loss.backward()
-    # features come from layer -2 (LLaVA-1.5), so the tower's last layer and post-norm take no part
-    last_layer = f"vision_tower.encoder.layers.{model.config.vision_config.num_hidden_layers - 1}."
-    unused_by_design = (last_layer, "vision_tower.post_layernorm")
+    # a random tower feeds its last layer to the projector (LLaVA-1.5's CLIP: -2), so only the pooled
+    # output's norm takes no part
+    assert model.config.vision_feature_layer == -1
     missing = [
         name
         for name, param in model.named_parameters()
-        if not name.startswith(unused_by_design) and (param.grad is None or param.grad.abs().sum() == 0)
+        if not name.startswith("vision_tower.post_layernorm") and (param.grad is None or param.grad.abs().sum() == 0)
     ]
     assert missing == []
     for module in ("multi_modal_projector", "prompt_encoder", "prompt_feature_extractor", "prompt_projector", "keypoint_head"):

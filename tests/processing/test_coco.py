@@ -531,3 +531,23 @@ def test_ap10k_requires_17_keypoints(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="category 'dog' has 2 keypoints, AP-10K has 17"):
         load_ap10k(path, root, families=["Canidae"])
+
+
+def test_decoded_image_cache_keeps_recent_images_within_its_budget(tmp_path):
+    from processing.coco import DecodedImageCache
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (10, 10), (i, 0, 0)).save(paths[-1])  # 300 bytes decoded
+    cache = DecodedImageCache(max_bytes=650)  # two images
+    first = cache(paths[0])
+    assert cache(paths[0]) is first and first.getpixel((0, 0)) == (0, 0, 0)
+    cache(paths[1])
+    cache(paths[0])  # 0 is now the most recent: 1 goes first
+    cache(paths[2])
+    assert cache(paths[0]) is first
+    assert list(cache._images) == [str(paths[2]), str(paths[0])]
+    assert DecodedImageCache(max_bytes=100)(paths[0]).size == (10, 10)  # larger than the budget: read, not kept
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        cache(tmp_path / "missing.png")

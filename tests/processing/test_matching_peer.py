@@ -8,7 +8,7 @@ from modeling_kptllm.modeling_kptllm import patch_centers
 from processing.coco import load_mp100
 from processing.episodes import sample_episodes
 from processing.evaluation import evaluate_visual_prompt
-from processing.matching_peer import MatchingPeer, match_episodes, train_matching_peer
+from processing.matching_peer import BackgroundPeerTraining, MatchingPeer, match_episodes, train_matching_peer
 from processing.vision_pretraining import KeypointPairDataset, collate_keypoint_pairs
 from train import keypoint_vocabulary
 
@@ -80,6 +80,24 @@ def test_saved_peer_predicts_the_same_and_scores_beside_kptllm(tiny, splits, tmp
     results, _ = evaluate_visual_prompt(model, processor, test, episodes, train, matching_peer=peer, cosine_probe=True)
     assert list(results) == ["KptLLM", "matching peer", "cosine probe (KptLLM's z_p, z_q)", "support-copy", "mean-position"]
     assert len({scores["num_keypoints"] for scores in results.values()}) == 1  # the same episodes for every method
+
+
+def test_background_training_returns_the_trained_peer_or_names_the_failure(tiny, splits, tmp_path):
+    train_instances, _ = splits
+    model, processor = tiny
+    names = keypoint_vocabulary(train_instances)
+    threads = torch.get_num_threads()
+    peer = MatchingPeer.from_stage0(model)
+    job = BackgroundPeerTraining(peer, processor, train_instances, names, tmp_path / "ok", steps=2, seed=0, use_cpu=True)
+    assert torch.get_num_threads() == 1  # the child has the other core
+    trained = job.join()
+    assert torch.get_num_threads() == threads and not (tmp_path / "ok" / "matching_peer_start").exists()
+    assert not torch.equal(trained.logit_scale, peer.logit_scale)  # the child trained it, and this is its result
+
+    failing = BackgroundPeerTraining(peer, processor, train_instances, names, tmp_path / "bad", steps=0, seed=0, use_cpu=True)
+    with pytest.raises(RuntimeError, match="matching_peer_start"):
+        failing.join()
+    assert torch.get_num_threads() == threads
 
 
 def test_a_folder_without_weights_is_named(tmp_path):
