@@ -199,7 +199,13 @@ def checkpoint_to_resume(output_dir: Path, resume: bool, explicit: str | None) -
     if explicit:
         return explicit
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    finished = [name for name in ("model", "results.json", "trainer_state.json") if (output_dir / name).exists()]
     if resume:
+        if last is None and finished:  # starting over would overwrite what the finished run wrote
+            raise SystemExit(
+                f"--resume: {output_dir} holds a run's results ({', '.join(finished)}) but no checkpoint-* folder to "
+                "continue from; nothing was overwritten. Choose another --output_dir to train again."
+            )
         if last is None:
             logger.warning("--resume: no checkpoint in %s yet, starting from scratch", output_dir)
         return last

@@ -308,6 +308,19 @@ def test_the_final_table_scores_kptllm_beside_the_matching_peer_and_the_cosine_p
         train.parse_arguments(["--eval_shots", "0,5"])
 
 
+def test_resume_refuses_to_start_over_a_finished_run_whose_checkpoints_are_gone(tmp_path):
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "results.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no checkpoint-\\* folder.*nothing was overwritten"):
+        train.checkpoint_to_resume(out, resume=True, explicit=None)
+    assert (out / "results.json").read_text() == "{}"
+    assert train.checkpoint_to_resume(tmp_path / "fresh", resume=True, explicit=None) is None  # nothing there yet
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    assert train.checkpoint_to_resume(out, resume=True, explicit=None) == str(out / "checkpoint-4")
+
+
 def test_mp100_flag_needs_a_dataset(tmp_path):
     with pytest.raises(SystemExit, match="annotations"):
         train.main(["--dataset", "mp100", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
