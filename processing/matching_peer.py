@@ -218,6 +218,7 @@ class BackgroundPeerTraining:
                  output_dir: str | Path, **train_kwargs):
         self.output_dir = Path(output_dir)
         self.start_dir = self.output_dir / "matching_peer_start"
+        shutil.rmtree(self.start_dir, ignore_errors=True)  # left by a run killed before its peer was saved
         peer.save_pretrained(self.start_dir)
         processor.save_pretrained(self.start_dir)
         instances.save_to_disk(str(self.start_dir / "instances"))

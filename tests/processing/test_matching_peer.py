@@ -88,6 +88,7 @@ def test_background_training_returns_the_trained_peer_or_names_the_failure(tiny,
     names = keypoint_vocabulary(train_instances)
     threads = torch.get_num_threads()
     peer = MatchingPeer.from_stage0(model)
+    (tmp_path / "ok" / "matching_peer_start" / "instances").mkdir(parents=True)  # as a killed run leaves it
     job = BackgroundPeerTraining(peer, processor, train_instances, names, tmp_path / "ok", steps=2, seed=0, use_cpu=True)
     assert torch.get_num_threads() == 1  # the child has the other core
     trained = job.join()
