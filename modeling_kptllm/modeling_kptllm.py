@@ -570,11 +570,11 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         inputs_embeds = self.embed_multimodal_inputs(
             input_ids, pixel_values, support_pixel_values, prompt_coords, prompt_visible
         )
-        prefix_length = 0
+        prefix_length, crop_of_row = 0, None
         if share_prefix and cache is None and position_ids is None and not logits_to_keep:
-            prefix_length = self.shared_training_prefix(input_ids, attention_mask, pixel_values, labels)
+            prefix_length, crop_of_row = self.shared_training_prefix(input_ids, attention_mask, pixel_values, labels)
         if prefix_length:
-            outputs = self._decode_with_shared_prefix(prefix_length, inputs_embeds, attention_mask, pixel_values, **kwargs)
+            outputs = self._decode_with_shared_prefix(prefix_length, crop_of_row, inputs_embeds, attention_mask, **kwargs)
             input_ids = input_ids[:, prefix_length:]
             labels = None if labels is None else labels[:, prefix_length:]
         else:
@@ -621,51 +621,53 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         labels: torch.LongTensor | None,
-    ) -> int:
+    ) -> tuple[int, torch.Tensor | None]:
         """Leading tokens of a training batch that rows with the same query crop can compute once.
 
         The processor's layout starts every row with the same ids up to the last `<image>` token (system
         prompt, "USER:", the query image's placeholders); the K keypoint rows of one instance also share
-        the crop, hence the same hidden states there. Returns that length P, or 0 (compute every row in
-        full) when the batch does not have this form: ids differ before it, a row is padded or supervised
-        there (the LM loss would miss the label at P), no two rows share a crop, or activations are
-        recomputed (gradient checkpointing turns the KV cache off).
+        the crop, hence the same hidden states there. Returns that length P and each row's crop (B,) in
+        0..U-1, or (0, None) (compute every row in full) when the batch does not have this form: ids
+        differ before it, a row is padded or supervised there (the LM loss would miss the label at P), no
+        two rows share a crop, or activations are recomputed (gradient checkpointing turns the KV cache off).
         """
+        unshared = 0, None
         if pixel_values is None or pixel_values.ndim != 4 or pixel_values.shape[0] != input_ids.shape[0]:
-            return 0
+            return unshared
         if self.is_gradient_checkpointing or input_ids.shape[0] < 2:
-            return 0
+            return unshared
         is_image = input_ids[0] == self.config.image_token_id
         if not is_image.any():
-            return 0
+            return unshared
         prefix_length = int(is_image.nonzero().max()) + 1
         if not (input_ids[:, :prefix_length] == input_ids[:1, :prefix_length]).all():
-            return 0
+            return unshared
         if attention_mask is not None and not attention_mask[:, :prefix_length].bool().all():
-            return 0
+            return unshared
         if labels is not None and (labels[:, : prefix_length + 1] != -100).any():
-            return 0
-        if len(torch.unique(pixel_values.flatten(1), dim=0)) == len(pixel_values):
-            return 0
-        return prefix_length
+            return unshared
+        crops, crop_of_row = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
+        if len(crops) == len(pixel_values):
+            return unshared
+        return prefix_length, crop_of_row
 
     def _decode_with_shared_prefix(
         self,
         prefix_length: int,
+        crop_of_row: torch.Tensor,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        pixel_values: torch.Tensor,
         **kwargs,
     ):
         """The LLM over a batch whose rows share their first P tokens per query crop: the prefix of each
         distinct crop once, its KV cache handed to every row of that crop, then the rows' own tokens.
 
-        inputs_embeds (B, L, D_llm) -> the decoder's output for columns P..L-1 (B, L - P, D_llm); positions
-        and masking are those of the full computation, and gradients reach the prefix through the cache.
+        inputs_embeds (B, L, D_llm), crop_of_row (B,) in 0..U-1 -> the decoder's output for columns P..L-1
+        (B, L - P, D_llm); positions and masking are those of the full computation, and gradients reach
+        the prefix through the cache.
         """
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
-        _, crop_of_row = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)  # (B,) in 0..U-1
         first_row = torch.full((int(crop_of_row.max()) + 1,), batch, device=device)
         first_row = first_row.scatter_reduce(0, crop_of_row, torch.arange(batch, device=device), reduce="amin")  # (U,)
         decoder = self.get_decoder()
