@@ -5,7 +5,9 @@ Follows transformers' `LlavaConfig`: `vision_config` is any CLIP-like image enco
 LLaVA-1.5-7B (CLIP ViT-L/14-336 + Vicuna-7B shapes) with the KptLLM modules on top.
 """
 
-from typing import Literal
+import json
+import os
+from typing import Any, Literal
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -13,6 +15,19 @@ from transformers.configuration_utils import SubConfigSpec
 PROMPT_FEATURE_EXTRACTORS = ("cross_attention", "avg_pool")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 SHOT_FUSIONS = ("mean", "per_shot")
+
+
+def read_json_file(path: str | os.PathLike) -> Any:
+    """A JSON file of a model folder, or a ValueError naming the file (json's own error names no file)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                         "the file is damaged: save the model/processor again or restore the file") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}); the file is damaged") from None
 
 
 class KptLlmConfig(PreTrainedConfig):
@@ -107,6 +122,18 @@ class KptLlmConfig(PreTrainedConfig):
         if not self.tie_word_embeddings and self.text_config.tie_word_embeddings:
             self.tie_word_embeddings = self.text_config.tie_word_embeddings
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        # Refused here, before any model is built: the defaults describe the paper's 7B model, so a folder of
+        # another model type (e.g. a plain Llama config.json) would otherwise allocate a 7B-shaped KptLLM.
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: config.json has model_type {config_dict.get('model_type')!r}, not "
+                f"{cls.model_type!r}: this is not a KptLLM folder (convert a LLaVA-1.5 model with hub/convert_llava.py)"
+            )
+        return config_dict, kwargs
+
     @property
     def patch_grid_size(self) -> int:
         """Patches per side of the vision tower's feature map (336 / 14 = 24 in the paper)."""
@@ -118,4 +145,4 @@ class KptLlmConfig(PreTrainedConfig):
         return self.patch_grid_size**2
 
 
-__all__ = ["KptLlmConfig"]
+__all__ = ["KptLlmConfig", "read_json_file"]

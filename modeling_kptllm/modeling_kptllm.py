@@ -11,10 +11,14 @@ This file ships to the Hub as remote code: relative imports only.
 """
 
 import math
+import os
 from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -371,6 +375,41 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         self.keypoint_head = KptLlmKeypointHead(config)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' loading, refusing a broken folder with an error that names it.
+
+        The weight files of a local folder are opened before anything is built (a truncated file fails with
+        its path, not a bare safetensors error); a model that the weights do not fully cover (missing tensors
+        would keep their random initialization) or that holds NaN/inf weights is refused, not only logged.
+        """
+        source = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(source):
+            for path in sorted(Path(source).glob("*.safetensors")):
+                try:
+                    with safe_open(path, framework="pt"):
+                        pass
+                except (SafetensorError, OSError) as error:
+                    raise OSError(f"{path} is not a readable safetensors file (truncated or damaged?): {error}") from None
+        with_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        missing = sorted(info["missing_keys"])
+        if missing:
+            raise ValueError(
+                f"{source}: the weights lack {len(missing)} tensors of the model ({', '.join(missing[:4])}"
+                f"{', ...' if len(missing) > 4 else ''}); they would stay randomly initialized. Is the folder complete?"
+            )
+        non_finite = [
+            name for name, tensor in chain(model.named_parameters(), model.named_buffers())
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all()
+        ]
+        if non_finite:
+            raise ValueError(
+                f"{source}: the weights {', '.join(non_finite[:4])}{', ...' if len(non_finite) > 4 else ''} contain NaN "
+                "or infinity (a diverged training run?)"
+            )
+        return (model, info) if with_info else model
+
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
@@ -413,6 +452,23 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
             raise ValueError(f"{field} must have shape (N, 3, {expected}, {expected}), got {tuple(pixel_values.shape)}")
         if not torch.isfinite(pixel_values.sum()):  # one reduction: NaN and inf propagate into the sum
             raise ValueError(f"{field} contain NaN or infinity")
+
+    def _check_sequence_inputs(self, input_ids, pixel_values, support_pixel_values, prompt_coords, attention_mask,
+                               max_new_tokens: int = 0) -> None:
+        """Clear errors for inputs that would otherwise fail deep inside torch, or silently overrun the LLM."""
+        for name, value in (("input_ids", input_ids), ("pixel_values", pixel_values), ("attention_mask", attention_mask),
+                            ("support_pixel_values", support_pixel_values), ("prompt_coords", prompt_coords)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"{name} must be a torch.Tensor, got {type(value).__module__}.{type(value).__name__}: "
+                    "call the processor with return_tensors='pt' (the default) for the model"
+                )
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if limit is not None and input_ids.shape[-1] + max_new_tokens > limit:
+            raise ValueError(
+                f"the sequences hold {input_ids.shape[-1]} tokens" + (f" + max_new_tokens={max_new_tokens}" if max_new_tokens else "")
+                + f", more than the language model's max_position_embeddings={limit}: shorten the keypoint names or text"
+            )
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Query tokens z_q: (N, 3, H, W) -> (N, h*w, D_llm)."""
@@ -535,6 +591,8 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         visible = torch.ones_like(keypoint_labels[:, 0], dtype=torch.bool) if keypoint_visible is None else keypoint_visible.bool()
         has_token = ~pred_keypoints.isnan().any(-1)
         if (visible & ~has_token).any():
+            if not torch.isfinite(hidden_states).all():  # NaN from the weights, not a row without <keypoint>
+                raise FloatingPointError("the model's hidden states contain NaN or infinity: its weights have diverged")
             raise ValueError("a visible keypoint target belongs to a sequence without a <keypoint> token")
         if not torch.isfinite(keypoint_labels[visible]).all():
             raise ValueError("keypoint_labels of visible keypoints contain NaN or infinity")
@@ -566,6 +624,8 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         of the full computation, while `logits` and `attentions` cover the rows' own tokens only."""
         if input_ids is None:
             raise ValueError("input_ids are required: placeholders are found by token id")
+        if cache is None:  # the whole sequence is here (training, prefill): it must fit the LLM's positions
+            self._check_sequence_inputs(input_ids, pixel_values, support_pixel_values, prompt_coords, attention_mask)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # Trainer's, for the LM loss only
         inputs_embeds = self.embed_multimodal_inputs(
             input_ids, pixel_values, support_pixel_values, prompt_coords, prompt_visible
@@ -720,6 +780,9 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         the per-row rest (keypoint prompt, question) is prefilled per row. Rows without such a prefix,
         or `share_prefix=False`, prefill every row in full. Both give the same answers.
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer (the answer's length budget), got {max_new_tokens!r}")
+        self._check_sequence_inputs(input_ids, pixel_values, support_pixel_values, prompt_coords, attention_mask, max_new_tokens)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kpt_id = self.config.keypoint_token_id

@@ -8,13 +8,19 @@ This file ships to the Hub as remote code: relative imports only.
 """
 
 import math
+import numbers
+import os
 import re
+from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
+
+from .configuration_kptllm import read_json_file
 
 IMAGE_TOKEN = "<image>"
 KPT_PROMPT_TOKEN = "<kpt_prompt>"
@@ -35,22 +41,66 @@ QUESTIONS = {
 ANSWER_PATTERN = re.compile(r"(?:This|It) is the (.+?)\.")
 
 Box = tuple[float, float, float]  # (x0, y0, side) of a square crop in original pixels
+RETURN_TENSORS = (None, "pt", "np")  # the model takes "pt" (None: the same)
+# JSON files a processor folder may hold: parsed first so that a damaged one is named (the tokenizer's own
+# error is a bare JSONDecodeError)
+PROCESSOR_JSON_FILES = (
+    "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.json",
+)
+RECENT_QUERY_SIZES = 64  # query sizes post_process_keypoints checks image_size against
+
+
+def to_rgb_image(image: Image.Image, field: str = "image") -> Image.Image:
+    """Any PIL image as 8-bit RGB: high bit depths rescaled, transparency composited on white.
+
+    Pillow's `convert("RGB")` clips 16-bit and 32-bit images at 255 (a 16-bit photo turns ~white)
+    and truncates float images (a [0, 1] float image turns black), so those are rescaled first:
+    16-bit by dropping the low byte, 32-bit integers by their range (8 or 16 bits), floats as [0, 1]
+    or [0, 255] intensities. Transparent pixels go on white, not black, which would hide dark
+    objects. The COCO readers, this processor and the Space all convert with this one function.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{field}: the {image.mode}-mode image contains NaN or infinity")
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if image.mode == "F" and low >= 0 and high <= 1:
+            values = values * 255  # [0, 1] intensities (the usual float image)
+        elif image.mode == "I" and 255 < high <= 65535 and low >= 0:
+            values = values / 257  # 16-bit content in a 32-bit image (some PNG and TIFF decoders)
+        elif low < 0 or high > 255:
+            raise ValueError(
+                f"{field}: the {image.mode}-mode image holds values in [{low:g}, {high:g}]; expected intensities in "
+                + ("[0, 1] or [0, 255]" if image.mode == "F" else "[0, 255] or [0, 65535]")
+            )
+        return Image.fromarray(np.round(values).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _to_rgb_image(image, field: str) -> Image.Image:
     if isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3) or image.dtype != np.uint8:
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise TypeError(f"{field}: numpy images must be uint8 HxW or HxWxC, got {image.dtype} {image.shape}")
-        image = Image.fromarray(image)
+        if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
+            raise ValueError(
+                f"{field}: a HxWxC uint8 array needs C = 1 (grey), 3 (RGB) or 4 (RGBA) channels, got shape {image.shape}"
+            )
+        if 0 in image.shape[:2]:
+            raise ValueError(f"{field}: the image is empty ({image.shape[1]}x{image.shape[0]} pixels)")
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"{field} must be a PIL.Image.Image or a uint8 numpy array, got {type(image).__name__}")
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        return background
-    return image.convert("RGB")
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"{field}: the image is empty ({image.width}x{image.height} pixels)")
+    return to_rgb_image(image, field)
 
 
 def _as_points(points, field: str, num: int | None = None) -> np.ndarray:
@@ -72,25 +122,50 @@ def _as_flags(flags, field: str, num: int) -> np.ndarray:
     return array
 
 
+def box_problem(bbox: Sequence[float], image_size: tuple[int, int]) -> str | None:
+    """Why `bbox` ([x, y, w, h] pixels) cannot be an instance box on an image of `image_size` (None: it can).
+
+    A box may stick out of its image a little (annotators' boxes often do), but one that reaches more
+    than the image's own size beyond an edge is in another image's pixels or a typo (a 2e9 px box
+    would make the whole image a speck in the crop), so it is refused rather than cropped.
+    """
+    width, height = image_size
+    x, y, w, h = bbox
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return "contains NaN or infinity"
+    if w <= 0 or h <= 0:
+        return f"is empty (w={w:g}, h={h:g})"
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        return f"lies outside the {width}x{height} image"
+    if x < -width or y < -height or x + w > 2 * width or y + h > 2 * height:
+        return f"reaches more than the image's own size beyond the {width}x{height} image (pixels of another image?)"
+    return None
+
+
+def check_crop_padding(padding: float) -> None:
+    if isinstance(padding, bool) or not isinstance(padding, numbers.Real) or not math.isfinite(padding) or padding <= 0:
+        raise ValueError(f"crop_padding must be a positive number (the crop side is crop_padding x the box side), got {padding!r}")
+
+
 def square_crop_box(bbox: Sequence[float] | None, image_size: tuple[int, int], padding: float, field: str) -> Box:
     """The square crop around `bbox` ([x, y, w, h] pixels; None = whole image), scaled by `padding`.
 
     Square (the long side of the box) so that resizing keeps the aspect ratio, as mmpose's top-down
     affine does; parts outside the image are filled with black.
     """
+    check_crop_padding(padding)
     width, height = image_size
+    if width < 1 or height < 1:
+        raise ValueError(f"the image of {field} is empty ({width}x{height} pixels)")
     if bbox is None:
         bbox = (0.0, 0.0, float(width), float(height))
     try:
         x, y, w, h = (float(v) for v in bbox)
     except (TypeError, ValueError):
         raise ValueError(f"{field} must be [x, y, w, h], got {bbox!r}") from None
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        raise ValueError(f"{field} contains NaN or infinity: {bbox!r}")
-    if w <= 0 or h <= 0:
-        raise ValueError(f"{field} is empty (w={w}, h={h})")
-    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
-        raise ValueError(f"{field} {bbox!r} lies outside the {width}x{height} image")
+    problem = box_problem((x, y, w, h), (width, height))
+    if problem:
+        raise ValueError(f"{field} {list(bbox)!r} {problem}")
     side = max(w, h) * padding
     return (x + w / 2 - side / 2, y + h / 2 - side / 2, side)
 
@@ -131,6 +206,7 @@ class KptLlmProcessor(ProcessorMixin):
         chat_template=None,
         **kwargs,
     ):
+        check_crop_padding(crop_padding)
         self.image_seq_length = image_seq_length
         self.crop_padding = crop_padding
         self.system_prompt = system_prompt
@@ -145,6 +221,20 @@ class KptLlmProcessor(ProcessorMixin):
         self.image_token_id, self.kpt_prompt_token_id, self.keypoint_token_id = (
             self.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS
         )
+        # sizes of the queries prepared lately: post_process_keypoints(image_size=...) must name one of them
+        self._recent_query_sizes: deque[tuple[int, int]] = deque(maxlen=RECENT_QUERY_SIZES)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        source = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(source):
+            for name in PROCESSOR_JSON_FILES:
+                if (Path(source) / name).is_file():
+                    read_json_file(Path(source) / name)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # the one conversion to 8-bit RGB, for callers that prepare images themselves (the Space draws on them)
+    to_rgb_image = staticmethod(to_rgb_image)
 
     @property
     def image_size(self) -> int:
@@ -193,6 +283,18 @@ class KptLlmProcessor(ProcessorMixin):
             )
 
     # -- text -------------------------------------------------------------------------------
+    def _check_texts(self, texts: Sequence[str], field: str) -> None:
+        """Names and descriptions are plain text: a control token inside one would be read as that token
+        (a name holding `<keypoint>` would end the answer early, `</s>` end the sequence), so it is refused."""
+        controls = sorted(set(SPECIAL_TOKENS) | set(self.tokenizer.all_special_tokens))
+        for index, text in enumerate(texts):
+            found = [token for token in controls if token in text]
+            if found:
+                raise ValueError(
+                    f"{field}[{index}] = {text[:60]!r} contains the control token {found[0]!r}; keypoint names and "
+                    f"descriptions may not contain any of {controls}"
+                )
+
     def build_prompt(self, task: str, question_name: str | None = None, num_shots: int = 1) -> str:
         """The user turn up to "ASSISTANT:" with `<image>` expanded to `image_seq_length` placeholders."""
         parts = [IMAGE_TOKEN * self.image_seq_length]
@@ -269,6 +371,9 @@ class KptLlmProcessor(ProcessorMixin):
         """
         if task not in TASKS:
             raise ValueError(f"task={task!r}; expected one of {TASKS}")
+        return_tensors = kwargs.get("return_tensors")
+        if return_tensors not in RETURN_TENSORS:
+            raise ValueError(f"return_tensors={return_tensors!r}; expected 'pt' (what the model takes) or 'np'")
         query_image = self._load(query, "query")
         query_box = square_crop_box(query_bbox, query_image.size, self.crop_padding, "query_bbox")
         data: dict[str, torch.Tensor] = {"pixel_values": self._pixel_values([self._crop(query_image, query_box)])}
@@ -297,9 +402,14 @@ class KptLlmProcessor(ProcessorMixin):
                 raise TypeError("kpt_names must be a list of non-empty strings")
             if num_kpts is not None and len(kpt_names) != num_kpts:
                 raise ValueError(f"kpt_names has {len(kpt_names)} names for {num_kpts} keypoints")
+            self._check_texts(kpt_names, "kpt_names")
             num_kpts = len(kpt_names)
         if text is not None and (isinstance(text, str) or len(text) != num_kpts):
             raise ValueError(f"text must be a list of {num_kpts} descriptions")
+        if text is not None:
+            if not all(isinstance(t, str) and t.strip() for t in text):
+                raise TypeError("text must be a list of non-empty strings")
+            self._check_texts(text, "text")
         question_names = list(text) if text is not None else (list(kpt_names) if kpt_names is not None else [None] * num_kpts)
 
         num_shots = data["prompt_coords"].shape[1] if "prompt_coords" in data else 1
@@ -320,7 +430,10 @@ class KptLlmProcessor(ProcessorMixin):
             normalized[~visible] = 0.0
             data["keypoint_labels"] = torch.tensor(normalized, dtype=torch.float32)
             data["keypoint_visible"] = torch.tensor(visible, dtype=torch.long)
-        return BatchFeature(data=data, tensor_type=kwargs.get("return_tensors"))
+        self._recent_query_sizes.append(query_image.size)
+        if return_tensors == "np":
+            data = {key: value.numpy() for key, value in data.items()}
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _support_inputs(self, support, kpts, support_bbox, support_visible) -> dict[str, torch.Tensor]:
         if support is None:
@@ -378,7 +491,21 @@ class KptLlmProcessor(ProcessorMixin):
 
         `image_size` is the query's (width, height) and `query_bbox` the box used for the inputs;
         x and y are None where the model emitted no `<keypoint>`, name is None where no name was written.
+        Without `query_bbox` the crop is the whole image, so `image_size` must be the size of a query this
+        processor prepared (one of the last 64): another size would silently scale every point wrongly.
         """
+        try:
+            width, height = (int(v) for v in image_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"image_size must be the query's (width, height), got {image_size!r}") from None
+        if (width, height) != tuple(image_size) or width < 1 or height < 1:
+            raise ValueError(f"image_size must be the query's (width, height) in whole pixels, got {image_size!r}")
+        recent = getattr(self, "_recent_query_sizes", ())
+        if query_bbox is None and recent and (width, height) not in recent:
+            raise ValueError(
+                f"image_size={(width, height)} is not the size of the query this processor prepared "
+                f"({recent[-1][0]}x{recent[-1][1]} last): pass image_size=query.size (and the query_bbox used)"
+            )
         box = square_crop_box(query_bbox, image_size, self.crop_padding, "query_bbox")
         names = self.decode_names(outputs.sequences)
         points = denormalize_points(outputs.pred_keypoints.float().cpu().numpy(), box)

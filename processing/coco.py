@@ -10,8 +10,9 @@ logged skip for an unusable instance":
 * broken JSON, missing required fields, a keypoint array whose length is not ``3 * K``, NaN/inf
   numbers, unknown image/category references and duplicate ids raise :class:`ValueError` naming the
   file and the annotation, because silently dropping them would hide a corrupt file;
-* instances that are well formed but unusable (crowd regions, empty boxes, no visible keypoint,
-  missing or oversized image file) are skipped and counted in a :class:`LoadReport`;
+* instances that are well formed but unusable (crowd regions, empty boxes, boxes outside or far
+  beyond their image, no visible keypoint, missing or oversized image file) are skipped and counted
+  in a :class:`LoadReport`;
 * a *visible* keypoint lying outside its bounding box (beyond a small tolerance) is marked
   invisible, not fatal to the instance: the model only ever sees the bbox crop, so such a point has
   no valid target inside the crop, while the instance's other keypoints are still good training
@@ -37,6 +38,8 @@ import numpy as np
 from datasets import Dataset, Features, List, Value
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
+
+from modeling_kptllm.processing_kptllm import box_problem, to_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,8 @@ class LoadReport:
     skipped_no_visible_keypoints: int = 0
     skipped_missing_image: int = 0
     skipped_oversized_image: int = 0
+    skipped_implausible_bbox: int = 0
+    """Boxes that lie outside their image or reach far beyond it (``box_problem``); each is logged by id."""
     keypoints_outside_bbox: int = 0
     """Visible keypoints outside their bbox that were marked invisible (counted for every
     non-crowd instance with a non-empty bbox, including instances then skipped for another
@@ -122,6 +127,7 @@ class LoadReport:
             + self.skipped_no_visible_keypoints
             + self.skipped_missing_image
             + self.skipped_oversized_image
+            + self.skipped_implausible_bbox
         )
 
     def summary(self) -> str:
@@ -133,6 +139,7 @@ class LoadReport:
                 "skipped_no_visible_keypoints",
                 "skipped_missing_image",
                 "skipped_oversized_image",
+                "skipped_implausible_bbox",
             )
             if getattr(self, name)
         ]
@@ -176,7 +183,9 @@ def load_image(
                     f"limit of {max_pixels} pixels"
                 )
             opened.load()
-            return _to_rgb(ImageOps.exif_transpose(opened))
+            # the processor's conversion (16-bit and float images rescaled, transparency on white), so
+            # that the readers, the processor and the Space see the same pixels
+            return to_rgb_image(ImageOps.exif_transpose(opened), f"Image {path}")
     except Image.DecompressionBombError as error:
         raise ValueError(
             f"Image {path} is too large (decompression bomb guard): {error}"
@@ -215,22 +224,6 @@ class DecodedImageCache:
                 _, dropped = self._images.popitem(last=False)
                 self._bytes -= dropped.width * dropped.height * len(dropped.getbands())
         return image
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB, compositing transparency on white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        # 16-bit grayscale (e.g. depth-like PNGs): PIL's convert would clip at 255, not rescale.
-        array = np.asarray(image, dtype=np.uint16) >> 8
-        return Image.fromarray(array.astype(np.uint8), mode="L").convert("RGB")
-    has_alpha = image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,6 +435,12 @@ def _build_dataset(
             continue
 
         width, height = status
+        problem = box_problem(bbox, (width, height))
+        if problem:
+            # a typo'd box (e.g. 2e9 px) would otherwise crop the whole image to a speck and move the scores
+            report.skipped_implausible_bbox += 1
+            logger.warning("%s: skipped: bbox %s %s", where, bbox, problem)
+            continue
         columns["image_path"].append(images[image_id].path)
         columns["image_id"].append(image_id)
         columns["annotation_id"].append(annotation_id)

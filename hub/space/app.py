@@ -71,7 +71,7 @@ class KeypointService:
 
     def __init__(self, source: str | None):
         self.source = source
-        self.model = self.processor = None
+        self.model = self.processor = self.to_rgb = None
         if source is None:
             self.problem = (
                 f"No model to run: set {MODEL_ENV} to a KptLLM folder or Hub repo id, or run "
@@ -82,6 +82,8 @@ class KeypointService:
             self.model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
             self.processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
             self.problem = None
+            # the processor's own conversion: a 16-bit or float upload is rescaled as the training images were
+            self.to_rgb = getattr(self.processor, "to_rgb_image", None)
         except Exception as err:  # any failure to load is shown on the page, not as a crash
             logger.exception("loading %s failed", source)
             self.problem = f"Could not load the model from {source!r}: {type(err).__name__}: {str(err)[:300]}"
@@ -125,8 +127,8 @@ class KeypointService:
     def detect_visual(self, query_path: str | None, support_path: str | None, points_text: str | None):
         """Query + support + support keypoints -> (query with predictions, table rows, status)."""
         self._require_model()
-        query = load_image(query_path, "query image")
-        support = load_image(support_path, "support image")
+        query = load_image(query_path, "query image", self.to_rgb)
+        support = load_image(support_path, "support image", self.to_rgb)
         points = parse_points(points_text, support.size, "support keypoints")
         start = time.perf_counter()
         results, _ = self._run(query, support=support, kpts=points, task="visual")
@@ -142,7 +144,7 @@ class KeypointService:
 
     def support_clicked(self, support_path: str | None, points_text: str | None, evt: gr.SelectData):
         """A click on the support adds a keypoint: (support with numbered dots, keypoints text, state)."""
-        support = load_image(support_path, "support image")
+        support = load_image(support_path, "support image", self.to_rgb)
         x, y = click_position(evt.index, support.size, "support click")
         points_text = add_point(points_text, x, y, "support keypoints")
         return self._marked_support(support, points_text), points_text, points_text
@@ -151,7 +153,7 @@ class KeypointService:
         """The list was typed in (or cleared): (support redrawn with it, keypoints state)."""
         if not support_path:
             return None, points_text
-        support = load_image(support_path, "support image")
+        support = load_image(support_path, "support image", self.to_rgb)
         try:
             return self._marked_support(support, points_text), points_text
         except InputError:  # a half-typed list: show the plain image, detection will name the problem
@@ -168,7 +170,7 @@ class KeypointService:
     def detect_textual(self, query_path: str | None, names_text: str | None):
         """Query + keypoint names -> (query with predictions, table rows, status)."""
         self._require_model()
-        query = load_image(query_path, "query image")
+        query = load_image(query_path, "query image", self.to_rgb)
         names = parse_names(names_text, "keypoint names")
         start = time.perf_counter()
         results, _ = self._run(query, kpt_names=names, task="textual")
@@ -178,7 +180,7 @@ class KeypointService:
     def identify(self, query_path: str | None, point_text: str | None):
         """Query + one point -> (query with the point and its name, the name, status)."""
         self._require_model()
-        query = load_image(query_path, "image")
+        query = load_image(query_path, "image", self.to_rgb)
         points = parse_points(point_text, query.size, "point", hint="click on the image to pick one")
         if len(points) != 1:
             raise InputError(f"point: {len(points)} points given; this task names one keypoint at a time")
@@ -197,7 +199,7 @@ class KeypointService:
 
     def semantic_clicked(self, image_path: str | None, evt: gr.SelectData):
         """A click picks the point to name (one at a time): (image with the point, point text)."""
-        image = load_image(image_path, "image")
+        image = load_image(image_path, "image", self.to_rgb)
         x, y = click_position(evt.index, image.size, "click")
         return draw_keypoints(image, [(x, y)], [""]), f"{x:.1f}, {y:.1f}"
 

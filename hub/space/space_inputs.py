@@ -17,7 +17,7 @@ Limits (one place, documented in the Space README):
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,8 +36,14 @@ class InputError(ValueError):
     """A problem with what the user sent; its message is shown to them as is."""
 
 
-def load_image(path: str | Path | None, field: str) -> Image.Image:
-    """The uploaded file at `path` as an RGB image, or InputError saying why it cannot be used."""
+def load_image(
+    path: str | Path | None, field: str, to_rgb: Callable[[Image.Image, str], Image.Image] | None = None
+) -> Image.Image:
+    """The uploaded file at `path` as an RGB image, or InputError saying why it cannot be used.
+
+    `to_rgb` is the model's processor's conversion (`processor.to_rgb_image`: 16-bit and float images
+    rescaled as the training data were); without a model only 8-bit images are shown faithfully.
+    """
     if path is None or str(path).strip() == "":
         raise InputError(f"{field}: no image; upload one first")
     path = Path(path)
@@ -56,6 +62,8 @@ def load_image(path: str | Path | None, field: str) -> Image.Image:
     try:
         image.load()
         image = ImageOps.exif_transpose(image)  # phone photos: show and use them the way they were taken
+        if to_rgb is not None:
+            return to_rgb(image, field)
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             return _flatten(image.convert("RGBA"))
         return image.convert("RGB")
