@@ -194,15 +194,22 @@ def evaluate_mp100_setting(
     from processing.evaluation import evaluate_visual_prompt, fixed_episode_file
     from processing.visualize import save_episode_sheet
 
+    complete = True  # no test image was missing: the episodes may be cached for later runs
     if args.held_out_supercategory:
         train, test = load_cross_supercategory(args.data_dir, args.held_out_supercategory, split)
         episode_file = Path(args.output_dir) / f"episodes_{args.held_out_supercategory}_{shots}shot_{args.queries_per_category}q.json"
     else:
-        train, test = load_mp100(args.data_dir, split, "train"), load_mp100(args.data_dir, split, "test")
-        episode_file = fixed_episode_file(args.data_dir, split, shots, args.queries_per_category)
-    episodes = fixed_test_episodes(
-        test, episode_file, num_shots=shots, seed=0, num_queries_per_category=args.queries_per_category
-    )[: args.limit]
+        train = load_mp100(args.data_dir, split, "train")
+        test, report = load_mp100(args.data_dir, split, "test", return_report=True)
+        complete = not report.missing_images
+        episode_file = fixed_episode_file(args.data_dir, split, shots, args.queries_per_category, test)
+    try:
+        episodes = fixed_test_episodes(
+            test, episode_file, num_shots=shots, seed=0, num_queries_per_category=args.queries_per_category,
+            complete=complete,
+        )[: args.limit]
+    except ValueError as error:  # no usable episode, or a file drawn from other data: say so, no traceback
+        raise SystemExit(f"error: {error}") from None
     results, predictions = evaluate_visual_prompt(
         model, processor, test, episodes, train, identify_then_detect=args.identify_then_detect, task=args.task,
         matching_peer=matching_peer, cosine_probe=args.cosine_probe,

@@ -27,11 +27,11 @@ def baseline_table(
     scores: dict[int, dict[str, list[float]]] = {k: {m: [] for m in METHODS} for k in shots}
     for split in range(1, 6):
         train = load_mp100(data_dir, split, "train")
-        test = load_mp100(data_dir, split, "test")
+        test, report = load_mp100(data_dir, split, "test", return_report=True)
         for num_shots in shots:
             episodes = fixed_test_episodes(
-                test, fixed_episode_file(data_dir, split, num_shots, queries_per_category), num_shots=num_shots,
-                seed=0, num_queries_per_category=queries_per_category,
+                test, fixed_episode_file(data_dir, split, num_shots, queries_per_category, test), num_shots=num_shots,
+                seed=0, num_queries_per_category=queries_per_category, complete=not report.missing_images,
             )
             results = evaluate_baselines(test, episodes, train, crop_padding)
             for method in METHODS:

@@ -15,6 +15,7 @@ models, are scored on exactly the same support/query pairs.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 import math
@@ -312,20 +313,40 @@ def load_episodes(path: str | os.PathLike[str], dataset: Dataset) -> list[Episod
     return episodes
 
 
+def instances_fingerprint(dataset: Dataset) -> str:
+    """A hash of what episodes are drawn from: the (annotation id, category id) pairs of ``dataset``.
+
+    Sampling depends on nothing else, so two datasets with the same fingerprint give the same episodes
+    (row order does not matter). An instance dropped because its image was missing changes it.
+    """
+    index = _CategoryIndex(dataset)
+    pairs = sorted(zip(index.annotation_ids, index.category_ids))
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
 def fixed_test_episodes(
     dataset: Dataset,
     path: str | os.PathLike[str],
     num_shots: int,
     seed: int = 0,
     num_queries_per_category: int | None = None,
+    *,
+    complete: bool = True,
 ) -> list[Episode]:
     """The evaluation episodes stored at ``path``, sampling and saving them on first use.
 
     This is how the PCK protocol's "fixed seed, same support/query pairs" is enforced: the first
     run writes the file, later runs (and other models) read it back. A file made with different
-    sampling parameters raises instead of being silently reused or overwritten.
+    sampling parameters, or drawn from other instances (its ``instances`` fingerprint,
+    :func:`instances_fingerprint`), raises instead of being silently reused or overwritten.
+
+    Only complete, usable episode sets are saved: no episode at all raises (nothing is written), and
+    with ``complete=False`` (the reader skipped instances whose image file was missing, which may be
+    a transient problem) the episodes are sampled for this run only, so a later run on the full data
+    does not inherit them.
     """
     path = os.fspath(path)
+    fingerprint = instances_fingerprint(dataset)
     parameters = {
         "num_shots": num_shots,
         "seed": seed,
@@ -339,11 +360,28 @@ def fixed_test_episodes(
                 f"{path} holds episodes sampled with {stored}, but {parameters} were requested; "
                 "use another path or delete the file to resample"
             )
+        if metadata.get("instances", fingerprint) != fingerprint:  # files without one are checked by id below
+            raise ValueError(
+                f"{path} holds episodes drawn from other instances (fingerprint {metadata['instances'][:12]}, this "
+                f"dataset's is {fingerprint[:12]}): the annotation file changed, or images were missing when the "
+                "file was made; use another path or delete the file to resample"
+            )
         episodes = load_episodes(path, dataset)
         logger.info("Reusing %d fixed test episodes from %s", len(episodes), path)
         return episodes
     episodes = sample_episodes(dataset, num_shots, num_queries_per_category, seed)
-    save_episodes(episodes, path, metadata=parameters)
+    if not episodes:
+        raise ValueError(
+            f"no {num_shots}-shot episode can be drawn from {len(dataset)} instances (a category needs "
+            f"{num_shots + 1}); were image files missing? Nothing was saved to {path}"
+        )
+    if not complete:
+        logger.warning(
+            "Instances were skipped for missing image files: these %d episodes are used for this run only, "
+            "not saved to %s (the fixed episodes are drawn from the complete data)", len(episodes), path,
+        )  # fmt: skip
+        return episodes
+    save_episodes(episodes, path, metadata={**parameters, "instances": fingerprint})
     logger.info("Saved %d fixed test episodes to %s", len(episodes), path)
     return episodes
 

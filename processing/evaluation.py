@@ -7,6 +7,7 @@ Baselines (measured on the same episodes, so they sit next to the model's number
 """
 
 import functools
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,9 @@ from modeling_kptllm import KptLlmForKeypointComprehension, KptLlmProcessor
 from modeling_kptllm.processing_kptllm import denormalize_points, normalize_points, square_crop_box
 
 from .coco import load_image
-from .episodes import Episode
+from .episodes import Episode, instances_fingerprint
+
+logger = logging.getLogger(__name__)
 
 PCK_METRIC_PATH = str(Path(__file__).resolve().parents[1] / "metrics" / "pck")
 
@@ -32,9 +35,12 @@ def _pck_metric() -> evaluate.EvaluationModule:
     return evaluate.load(PCK_METRIC_PATH)
 
 
-def fixed_episode_file(data_dir: str | Path, split: int, num_shots: int, queries_per_category: int) -> Path:
-    """Where a benchmark keeps its fixed test episodes: one file per sampling setting, shared by all tools."""
-    return Path(data_dir) / "episodes" / f"split{split}_test_{num_shots}shot_{queries_per_category}q.json"
+def fixed_episode_file(data_dir: str | Path, split: int, num_shots: int, queries_per_category: int, instances: Dataset) -> Path:
+    """Where a benchmark keeps its fixed test episodes: one file per sampling setting and set of test instances
+    (`instances_fingerprint` in the name), shared by all tools. Keyed by the instances, so a file drawn while
+    some images were missing, or from an older annotation file, is never taken for the complete data's."""
+    key = instances_fingerprint(instances)[:12]
+    return Path(data_dir) / "episodes" / f"split{split}_test_{num_shots}shot_{queries_per_category}q_{key}.json"
 
 
 def _crop_box(row: dict, crop_padding: float):
@@ -138,17 +144,24 @@ def score_pck(
 ) -> dict:
     """PCK@threshold (per category, then averaged) with the local `evaluate` metric.
 
-    A keypoint the model did not localize (NaN) counts as wrong, not as absent.
+    A keypoint the model did not localize (NaN) counts as wrong, not as absent; how many did is logged.
     """
     preds, refs, norms, visible, categories = [], [], [], [], []
+    not_localized = 0
     for episode, predicted in zip(episodes, predictions):
         query, scored = _scored(instances, episode)
+        not_localized += int((np.isnan(predicted).any(-1) & scored).sum())
         predicted = np.where(np.isnan(predicted), 1e9, predicted)  # never within the threshold
         preds += predicted.tolist()
         refs += query["keypoints"]
         norms += [max(query["bbox"][2], query["bbox"][3])] * len(scored)
         visible += scored.astype(int).tolist()
         categories += [query["category_id"]] * len(scored)
+    if not_localized:
+        logger.warning(
+            "%d of %d scored keypoints have no predicted position (NaN: no <keypoint> written, or a matcher's NaN); "
+            "they count as wrong", not_localized, sum(visible),
+        )  # fmt: skip
     return _pck_metric().compute(
         predictions=preds, references=refs, normalizers=norms, visible=visible, category_ids=categories,
         threshold=threshold,
