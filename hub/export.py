@@ -86,6 +86,31 @@ class PushError(RuntimeError):
 
 # -- collecting and writing -----------------------------------------------------------------
 
+def check_hub_id(value: str, flag: str, error: type[Exception] = ExportError, namespaced: bool = True) -> None:
+    """`value` must be a Hub id (validate_repo_id's rules; 'user-or-org/name' when `namespaced`: a repo we
+    create needs its owner, while older models and datasets such as 'gpt2' have none); raises `error` naming `flag`."""
+    try:
+        validate_repo_id(value)
+        if namespaced and "/" not in value:
+            raise HFValidationError("it must be 'user-or-org/name'")
+    except HFValidationError as problem:
+        raise error(f"{flag} {value!r} is not a valid Hub repo id: {problem}") from None
+
+
+def check_export_arguments(repo_id: str | None, base_model: str | None, datasets: list[str] | None,
+                           revision: str | None, license: str) -> None:
+    """Every Hub-facing argument checked before anything is written: a bad one must not leave a folder behind."""
+    if repo_id is not None:
+        check_hub_id(repo_id, "--repo_id")
+    if base_model is not None:
+        check_hub_id(base_model, "--base_model", namespaced=False)
+    for dataset in datasets or []:
+        check_hub_id(dataset, "--datasets entry", namespaced=False)
+    for flag, value in (("--revision", revision), ("--license", license)):
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            raise ExportError(f"{flag} {value!r} must be a single word without spaces")
+
+
 def is_pickle_file(path: Path) -> bool:
     return path.name.lower().endswith(PICKLE_SUFFIXES)
 
@@ -336,6 +361,7 @@ def export_folder(
     load_check: bool = True,
 ) -> ExportResult:
     """Writes the Hub folder of `model_dir` to `output_dir` (see the module docstring)."""
+    check_export_arguments(repo_id, base_model, datasets, revision, license)
     model_dir, output_dir = Path(model_dir).resolve(), Path(output_dir).resolve()
     if output_dir == model_dir or model_dir in output_dir.parents or output_dir in model_dir.parents:
         raise ExportError(f"--output_dir {output_dir} must lie outside the model folder {model_dir} and not contain it")
@@ -430,12 +456,7 @@ def push_folder(
     upload's commit and uploaded in a second commit (the first commit's files are otherwise identical).
     """
     folder = Path(folder)
-    try:
-        validate_repo_id(repo_id)
-        if "/" not in repo_id:
-            raise HFValidationError("it must be 'user-or-org/name'")
-    except HFValidationError as error:
-        raise PushError(f"--repo_id {repo_id!r} is not a valid Hub repo id: {error}") from None
+    check_hub_id(repo_id, "--repo_id", PushError)
     problems = check_export_folder(folder)
     if problems:
         raise PushError(f"{folder} is not a valid export; run hub.export first:\n  " + "\n  ".join(problems))
