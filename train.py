@@ -20,12 +20,21 @@ checkpoints hold the LoRA weights, the fully trained modules and the special-tok
 import copy
 import json
 import logging
+import math
+import os
+import socket
 import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from peft import get_peft_model
+from safetensors import SafetensorError, safe_open
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
@@ -47,6 +56,8 @@ from processing.vision_pretraining import (
 from processing.visualize import save_episode_sheet, save_loss_curves
 
 logger = logging.getLogger("train")
+LOCK_FILE = "train.lock"  # held by the training process that writes the output folder
+LOCK_HOLDER_FILE = "train.lock.holder.json"  # who holds it: pid, host, start time, command line
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "configs" / "deepspeed"
 
 # Trainer defaults per preset; the command line is appended, so explicit flags override these.
@@ -179,6 +190,11 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
     if data_args.dataset not in ("embedded", "mp100"):
         raise SystemExit(f"--dataset {data_args.dataset!r}: expected 'embedded' or 'mp100'")
     parse_shots(data_args.eval_shots)
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise SystemExit(
+            f"--max_steps {training_args.max_steps}: pass a positive number of optimizer steps, or -1 to train "
+            "--num_train_epochs epochs"
+        )
     if model_args.vision_pretraining_steps > 0 and training_args.world_size > 1:
         raise SystemExit("--vision_pretraining_steps runs in one process; pass 0 under a multi-process launch")
     return model_args, data_args, training_args
@@ -194,13 +210,51 @@ def parse_shots(text: str) -> list[int]:
     return shots
 
 
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (None: it looks intact). Cheap: headers and archive
+    directories only, so that a run killed while saving (a truncated file) is caught before Trainer loads it."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return f"trainer_state.json is damaged ({error})"
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(path, framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                return f"{path.name} is damaged ({error})"
+        elif path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):  # torch.save's format
+            return f"{path.name} is damaged (not a complete torch archive)"
+    return None
+
+
+def last_intact_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint-* of `output_dir` that `checkpoint_problem` finds intact, warning about newer ones."""
+    checkpoints = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit()]
+    for checkpoint in sorted(checkpoints, key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return str(checkpoint)
+        logger.warning("--resume: %s cannot be resumed from (%s); falling back to the checkpoint before it", checkpoint, problem)
+    return None
+
+
 def checkpoint_to_resume(output_dir: Path, resume: bool, explicit: str | None) -> str | None:
     """The checkpoint to resume from; refuses to start over an output_dir that holds a run."""
     if explicit:
         return explicit
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    any_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     finished = [name for name in ("model", "results.json", "trainer_state.json") if (output_dir / name).exists()]
     if resume:
+        last = last_intact_checkpoint(output_dir) if output_dir.is_dir() else None
+        if last is None and any_checkpoint is not None:  # starting over would overwrite them
+            raise SystemExit(
+                f"--resume: no checkpoint-* folder in {output_dir} is intact (see the warnings above); nothing was "
+                "overwritten. Move them away to train again from scratch."
+            )
         if last is None and finished:  # starting over would overwrite what the finished run wrote
             raise SystemExit(
                 f"--resume: {output_dir} holds a run's results ({', '.join(finished)}) but no checkpoint-* folder to "
@@ -209,13 +263,47 @@ def checkpoint_to_resume(output_dir: Path, resume: bool, explicit: str | None) -
         if last is None:
             logger.warning("--resume: no checkpoint in %s yet, starting from scratch", output_dir)
         return last
-    if last is not None or (output_dir / "model").exists():
-        found = Path(last).name if last else "model/"
+    if any_checkpoint is not None or (output_dir / "model").exists():
+        found = Path(any_checkpoint).name if any_checkpoint else "model/"
         raise SystemExit(
             f"{output_dir} already holds a training run ({found}). Pass --resume to continue it from its last "
             "checkpoint, or choose another --output_dir (nothing was overwritten)."
         )
     return None
+
+
+@contextmanager
+def output_folder_lock(output_dir: Path, training_args: TrainingArguments) -> Iterator[None]:
+    """Held while one training run writes `output_dir`: a second `train.py` on the same folder is refused
+    (two runs would interleave checkpoints, logs and the exported model). Only the main process locks (the
+    other ranks of a launch write nothing of their own there); the lock goes with the process, so a killed
+    run leaves no stale lock, only a stale holder note."""
+    if training_args.process_index != 0:
+        yield
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock, holder_file = FileLock(output_dir / LOCK_FILE, timeout=0), output_dir / LOCK_HOLDER_FILE
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = json.loads(holder_file.read_text())
+            who = f"process {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process (no holder note)"
+        raise SystemExit(
+            f"{output_dir} is being written by another training run ({who}); two runs must not share an output "
+            "folder. Wait for it to finish, or choose another --output_dir (nothing was written)."
+        ) from None
+    try:
+        holder_file.write_text(json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv),
+        }))
+        yield
+    finally:
+        holder_file.unlink(missing_ok=True)
+        lock.release()
 
 
 def load_instances(data_args: DataArguments, training_args: TrainingArguments):
@@ -357,7 +445,14 @@ class KptLlmTrainer(Trainer):
             inputs = {**inputs, "output_attentions": True}
         if self.share_prefix and model.training:
             inputs = {**inputs, "share_prefix": True}
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        try:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        except FloatingPointError as error:  # the model's NaN checks: diverged weights
+            raise self._diverged(str(error)) from None
+        # Trainer would leave a NaN loss out of its log and carry on with NaN weights, and the next check to trip
+        # would then blame the data; this item() costs nothing extra (Trainer's own NaN filter syncs each step too)
+        if model.training and not math.isfinite(loss.item()):
+            raise self._diverged(f"the training loss became {loss.item()}")
         if supervise_attention:
             config = self.accelerator.unwrap_model(model).config
             attention_loss = keypoint_attention_loss(
@@ -371,6 +466,13 @@ class KptLlmTrainer(Trainer):
                 if value is not None:
                     self._loss_parts[key].append(value.detach())  # no .item() here: that would sync a GPU every step
         return (loss, outputs) if return_outputs else loss
+
+    def _diverged(self, what: str) -> FloatingPointError:
+        return FloatingPointError(
+            f"{what} at step {self.state.global_step + 1} (learning rate {self._get_learning_rate():.3g}, "
+            f"--learning_rate {self.args.learning_rate:g}): training diverged, the learning rate is probably too "
+            "high; lower --learning_rate (the data were checked when they were read)"
+        )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
@@ -470,6 +572,13 @@ def prepare_matching_peer(model, processor, train_instances, output_dir: Path, m
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    with output_folder_lock(Path(training_args.output_dir), training_args):
+        return train(model_args, data_args, training_args, callbacks)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+          callbacks: list[TrainerCallback] | None = None) -> dict:
+    """The whole run (stage 0, KptLLM training, export, evaluation); `main` holds the output folder's lock."""
     output_dir = Path(training_args.output_dir)
     resume_from = checkpoint_to_resume(output_dir, data_args.resume, training_args.resume_from_checkpoint)
     set_seed(training_args.seed)
