@@ -382,6 +382,8 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         The weight files of a local folder are opened before anything is built (a truncated file fails with
         its path, not a bare safetensors error); a model that the weights do not fully cover (missing tensors
         would keep their random initialization) or that holds NaN/inf weights is refused, not only logged.
+        With `output_loading_info=True` the caller reads the missing keys itself (the LLaVA converter expects
+        the KptLLM modules to be missing), so they are returned, not refused.
         """
         source = os.fspath(pretrained_model_name_or_path)
         if os.path.isdir(source):
@@ -394,7 +396,7 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         with_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         missing = sorted(info["missing_keys"])
-        if missing:
+        if missing and not with_info:
             raise ValueError(
                 f"{source}: the weights lack {len(missing)} tensors of the model ({', '.join(missing[:4])}"
                 f"{', ...' if len(missing) > 4 else ''}); they would stay randomly initialized. Is the folder complete?"
