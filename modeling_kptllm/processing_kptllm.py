@@ -225,13 +225,13 @@ class KptLlmProcessor(ProcessorMixin):
         self._recent_query_sizes: deque[tuple[int, int]] = deque(maxlen=RECENT_QUERY_SIZES)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         source = os.fspath(pretrained_model_name_or_path)
         if os.path.isdir(source):
             for name in PROCESSOR_JSON_FILES:
                 if (Path(source) / name).is_file():
                     read_json_file(Path(source) / name)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # the one conversion to 8-bit RGB, for callers that prepare images themselves (the Space draws on them)
     to_rgb_image = staticmethod(to_rgb_image)
