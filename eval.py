@@ -148,8 +148,11 @@ def load_model(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"{model_dir} is not a KptLLM folder (no config.json)")
-    model = KptLlmForKeypointComprehension.from_pretrained(model_dir).eval()
-    processor = KptLlmProcessor.from_pretrained(model_dir, trust_remote_code=False)  # our own class: no remote code
+    try:
+        model = KptLlmForKeypointComprehension.from_pretrained(model_dir).eval()
+        processor = KptLlmProcessor.from_pretrained(model_dir, trust_remote_code=False)  # our own class: no remote code
+    except (OSError, ValueError) as error:  # a damaged folder: the message names the file, no traceback needed
+        raise SystemExit(f"error: cannot load {model_dir}: {error}") from None
     return model, processor
 
 

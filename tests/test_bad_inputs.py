@@ -333,6 +333,15 @@ def test_a_truncated_model_file_is_named(model_folder, tmp_path):
         KptLlmForKeypointComprehension.from_pretrained(folder)
 
 
+def test_eval_reports_a_damaged_model_folder_without_a_traceback(model_folder, tmp_path):
+    import eval as eval_script
+
+    folder = damaged_copy(model_folder, tmp_path)
+    (folder / "tokenizer.json").write_text("{garbage")
+    with pytest.raises(SystemExit, match=rf"error: cannot load {folder}: {folder / 'tokenizer.json'} is not valid JSON"):
+        eval_script.load_model(folder)
+
+
 def _checkpoint(output_dir: Path, step: int, truncated: bool = False) -> Path:
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
