@@ -185,6 +185,25 @@ def test_16_bit_and_float_images_are_rescaled_alike_everywhere(tiny, tmp_path, m
         processor(query=out_of_range, kpts=[[1, 1]], task="semantic")
 
 
+def test_the_space_converts_uploads_with_the_processor(tiny, tmp_path, monkeypatch):
+    """The Space's service hands the processor the same mid-grey a 16-bit upload holds (it used to be ~white)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    spec = importlib.util.spec_from_file_location("kptllm_space_app_bad_inputs", Path(space_inputs.__file__).with_name("app.py"))
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    model, processor = tiny
+    monkeypatch.setattr(app, "AutoModel", SimpleNamespace(from_pretrained=lambda *args, **kwargs: model))
+    monkeypatch.setattr(app, "AutoProcessor", SimpleNamespace(from_pretrained=lambda *args, **kwargs: processor))
+    service = app.KeypointService("a KptLLM folder")
+    seen = []
+    monkeypatch.setattr(service, "_run", lambda image, **kwargs: seen.append(image) or ([{"name": "nose", "x": 1.0, "y": 1.0}], [""]))
+    service.detect_textual(str(_high_bit_images(tmp_path)["I;16"]), "nose")
+    assert seen[0].mode == "RGB" and seen[0].getpixel((3, 3)) == (128, 128, 128)
+
+
 def test_a_query_box_of_2e9_pixels_is_refused(tiny, images):
     _, processor = tiny
     with pytest.raises(ValueError, match=r"query_bbox \[0, 0, 2000000000.0, 2000000000.0\] reaches more than the image's own size"):
