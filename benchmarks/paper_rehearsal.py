@@ -224,9 +224,12 @@ def tensor_bytes(tensors) -> int:
 
 def optimizer_state_bytes(optimizer) -> dict[str, int]:
     """Bytes of an optimizer's fp32 master weights and Adam moments (a DeepSpeed ZeRO-1/2 optimizer or a torch one)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer that steps its fp32 partition
-    masters = getattr(optimizer, "single_partition_of_fp32_groups", None)
-    moments = [value for state in inner.state.values() for key, value in state.items() if key in ("exp_avg", "exp_avg_sq")]
+    # accelerate's DeepSpeedOptimizerWrapper -> DeepSpeed's ZeRO optimizer (holding the fp32 partition) -> torch's AdamW
+    chain = [optimizer]
+    while hasattr(chain[-1], "optimizer") and len(chain) < 4:
+        chain.append(chain[-1].optimizer)
+    masters = next((o.single_partition_of_fp32_groups for o in chain if hasattr(o, "single_partition_of_fp32_groups")), None)
+    moments = [value for state in chain[-1].state.values() for key, value in state.items() if key in ("exp_avg", "exp_avg_sq")]
     return {
         "master_bytes": tensor_bytes(masters) if masters is not None else 0,
         "moment_bytes": tensor_bytes(moments),
