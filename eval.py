@@ -20,6 +20,7 @@ and pictures of sampled episodes (support with its keypoints beside the query wi
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,33 +79,34 @@ def synthetic_pair() -> tuple[Image.Image, Image.Image, list[list[float]], list[
     return support.rotate(90), support, points, names
 
 
-def draw_predictions(image: Image.Image, results: list[dict], scale: int = 4) -> Image.Image:
+def draw_predictions(image: Image.Image, result: dict, scale: int = 4) -> Image.Image:
+    """`result`: one box's dict of `post_process_keypoint_detection` (NaN keypoints are not drawn)."""
     canvas = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    for result in results:
-        if result["x"] is None:
+    for (x, y), name in zip(result["keypoints"].tolist(), result["names"]):
+        if math.isnan(x):
             continue
-        x, y = result["x"] * scale, result["y"] * scale
+        x, y = x * scale, y * scale
         draw.line((x - 6, y, x + 6, y), fill="white", width=2)
         draw.line((x, y - 6, x, y + 6), fill="white", width=2)
-        draw.text((x + 8, y - 6), result["name"] or "?", fill="white")
+        draw.text((x + 8, y - 6), name or "?", fill="white")
     return canvas
 
 
-def run_demo(args: EvalArguments) -> list[dict]:
+def run_demo(args: EvalArguments) -> dict:
     query, support, points, names = synthetic_pair()
     model, processor = build_tiny_model(names, seed=args.seed)
     model.eval()
     inputs = processor(query=query, support=support, kpts=points, task="visual")
     outputs = model.detect_keypoints(**inputs)
-    results = processor.post_process_keypoints(outputs, image_size=query.size)
+    (result,), = processor.post_process_keypoint_detection(outputs)  # one image, one box
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    draw_predictions(query, results).save(out_dir / "demo_predictions.png")
-    for prompt, result in zip(points, results):
-        print(f"support point {prompt} -> name={result['name']!r} at ({result['x']}, {result['y']})")
+    draw_predictions(query, result).save(out_dir / "demo_predictions.png")
+    for prompt, name, (x, y), score in zip(points, result["names"], result["keypoints"].tolist(), result["scores"].tolist()):
+        print(f"support point {prompt} -> name={name!r} at ({x:.1f}, {y:.1f}), score {score:.3f}")
     print(f"untrained model: names and positions are random; picture in {out_dir / 'demo_predictions.png'}")
-    return results
+    return result
 
 
 def _int_list(text: str, flag: str) -> list[int]:

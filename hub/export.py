@@ -5,7 +5,7 @@
         [--push] [--dry_run] [--overwrite]
 
 The export copies, from the model folder, only what a model repo holds: safetensors weights (any
-pickle-based file — .bin, .pt, .pkl, ... — is refused), the three remote-code files, config.json
+pickle-based file — .bin, .pt, .pkl, ... — is refused), the remote-code files, config.json
 (with an `auto_map` for AutoConfig, AutoModel and AutoProcessor), the processor and tokenizer
 files and generation_config.json, and writes the model card (README.md) from the evaluation JSON.
 The folder is built in a staging directory and checked there (every required file present, every
@@ -57,7 +57,8 @@ MODEL_AUTO_MAP = {
     "AutoProcessor": _auto_map_target(KptLlmProcessor),
 }
 PROCESSOR_AUTO_MAP = {"AutoProcessor": _auto_map_target(KptLlmProcessor)}
-REMOTE_CODE_FILES = tuple(sorted({f"{target.split('.')[0]}.py" for target in MODEL_AUTO_MAP.values()}))
+# the auto classes' modules, and the flat files they import relatively (save_pretrained copies those too)
+REMOTE_CODE_FILES = tuple(sorted({f"{target.split('.')[0]}.py" for target in MODEL_AUTO_MAP.values()} | {"decoding_kptllm.py"}))
 REPO_CODE_DIR = Path(modeling_kptllm.__file__).resolve().parent
 
 # What a model repo holds, besides the remote code and README.md. Everything else in the model

@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from .configuration_kptllm import KptLlmConfig
+from .decoding_kptllm import KptLlmDecodingMixin, KptLlmDetectionOutput
 
 
 # Amplitude of the positional encodings inside the prompt feature extractor: large enough that, with
@@ -60,20 +62,6 @@ class KptLlmOutput(ModelOutput):
     cache: Cache | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     shared_prefix_length: int | None = None
-
-
-@dataclass
-class KptLlmDetectionOutput(ModelOutput):
-    """
-    sequences: (B, T) generated token ids (the answer: name, then `<keypoint>`), padded with the
-        pad token after a row finished.
-    pred_keypoints: (B, 2) normalized (x, y) in the query crop; NaN where no `<keypoint>` was emitted.
-    keypoint_found: (B,) whether the row emitted `<keypoint>`.
-    """
-
-    sequences: torch.LongTensor | None = None
-    pred_keypoints: torch.FloatTensor | None = None
-    keypoint_found: torch.BoolTensor | None = None
 
 
 def sine_cosine_embedding(coords: torch.Tensor, dim: int, max_frequency: float) -> torch.Tensor:
@@ -346,12 +334,14 @@ class KptLlmPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
 
 
-class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
+class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel, GenerationMixin):
     """Vision tower + prompt encoder + prompt feature extractor + causal LLM + keypoint head (paper §3).
 
     Inputs beyond the usual `input_ids` / `attention_mask`:
       pixel_values (N_q, 3, H, W): one query crop per `<image>` block, in order; a single crop is
           shared by every sequence of the batch (one instance, K keypoint sequences).
+      query_index (B,): the crop of `pixel_values` that fills each row's `<image>` block (the processor
+          writes it: several instances with K rows each).
       support_pixel_values (N_s, 3, H, W), prompt_coords (P, S, 2), prompt_visible (P, S): S support
           shots for each of the P prompts. Either N_s == S (the same shots serve every prompt) or
           N_s == P * S (shot s of prompt p is image p * S + s). Invisible shots are left out of the mean.
@@ -538,6 +528,7 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         support_pixel_values: torch.Tensor | None = None,
         prompt_coords: torch.Tensor | None = None,
         prompt_visible: torch.Tensor | None = None,
+        query_index: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with `<image>` and `<kpt_prompt>` replaced by z_q and z_p: (B, L, D_llm)."""
         inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, D_llm)
@@ -553,7 +544,10 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         num_query = 0 if pixel_values is None else pixel_values.shape[0]
         if pixel_values is not None:
             image_features = self.multi_modal_projector(vision_features[:num_query])  # (N_q, h*w, D_llm)
-            if num_query == 1:  # one crop shared by every sequence (one instance, K keypoints)
+            if query_index is not None:  # several instances, each crop shared by its K keypoint rows
+                self._check_query_index(query_index, input_ids.shape[0], num_query)
+                image_features = image_features[query_index.to(image_features.device)]  # (B, h*w, D_llm)
+            elif num_query == 1:  # one crop shared by every sequence (one instance, K keypoints)
                 image_features = image_features.expand(input_ids.shape[0], -1, -1)
             inputs_embeds = self._scatter_placeholders(
                 inputs_embeds, input_ids, self.config.image_token_id, image_features.flatten(0, 1), "Image"
@@ -568,6 +562,19 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         if pixel_values is None and (input_ids == self.config.image_token_id).any():
             raise ValueError("input_ids contain <image> tokens but no pixel_values")
         return inputs_embeds
+
+    @staticmethod
+    def _check_query_index(query_index: torch.Tensor, batch: int, num_query: int) -> None:
+        if not isinstance(query_index, torch.Tensor) or query_index.shape != (batch,) or query_index.is_floating_point():
+            raise ValueError(f"query_index must be an integer tensor of shape ({batch},): one query crop per row")
+        if batch and (int(query_index.min()) < 0 or int(query_index.max()) >= num_query):
+            raise ValueError(f"query_index names crops outside the {num_query} of pixel_values")
+        used = int(query_index.unique().numel())
+        if used != num_query:  # a crop no row reads: pixel_values and the rows do not belong together
+            raise ValueError(
+                f"Image features and Image placeholder tokens do not match: query_index uses {used} of the "
+                f"{num_query} crops in pixel_values"
+            )
 
     def predict_keypoints(self, input_ids: torch.LongTensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and (B, L, D) hidden states -> (B, 2) keypoints at each row's `<keypoint>` (NaN if none)."""
@@ -610,6 +617,8 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         support_pixel_values: torch.Tensor | None = None,
         prompt_coords: torch.Tensor | None = None,
         prompt_visible: torch.Tensor | None = None,
+        query_index: torch.LongTensor | None = None,
+        keypoint_layout: Any = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
@@ -623,14 +632,16 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
     ) -> KptLlmOutput:
         """`share_prefix=True` (training): rows with the same query crop compute their common start (system
         prompt and query image, `shared_training_prefix`) once; the loss, keypoints and gradients are those
-        of the full computation, while `logits` and `attentions` cover the rows' own tokens only."""
+        of the full computation, while `logits` and `attentions` cover the rows' own tokens only.
+        `keypoint_layout` (the processor's record of images and boxes, for post-processing) is accepted so
+        that `model(**inputs)` and `generate(**inputs)` take the processor's output as it is; it is not used."""
         if input_ids is None:
             raise ValueError("input_ids are required: placeholders are found by token id")
         if cache is None:  # the whole sequence is here (training, prefill): it must fit the LLM's positions
             self._check_sequence_inputs(input_ids, pixel_values, support_pixel_values, prompt_coords, attention_mask)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # Trainer's, for the LM loss only
         inputs_embeds = self.embed_multimodal_inputs(
-            input_ids, pixel_values, support_pixel_values, prompt_coords, prompt_visible
+            input_ids, pixel_values, support_pixel_values, prompt_coords, prompt_visible, query_index
         )
         prefix_length, crop_of_row = 0, None
         if share_prefix and cache is None and position_ids is None and not logits_to_keep:
@@ -753,224 +764,9 @@ class KptLlmForKeypointComprehension(KptLlmPreTrainedModel, GenerationMixin):
         first_step = kwargs.get("is_first_iteration", False) or not kwargs.get("use_cache", True)
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         if not first_step:
-            for key in ("pixel_values", "support_pixel_values", "prompt_coords", "prompt_visible"):
+            for key in ("pixel_values", "support_pixel_values", "prompt_coords", "prompt_visible", "query_index"):
                 model_inputs.pop(key, None)
         return model_inputs
 
-    @torch.no_grad()
-    def detect_keypoints(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        support_pixel_values: torch.Tensor | None = None,
-        prompt_coords: torch.Tensor | None = None,
-        prompt_visible: torch.Tensor | None = None,
-        max_new_tokens: int = 24,
-        share_prefix: bool = True,
-    ) -> KptLlmDetectionOutput:
-        """Identify-then-detect for a batch of keypoint sequences (e.g. all K keypoints of one instance).
 
-        Greedy decoding with the KV cache: each row writes the keypoint's name, then `<keypoint>`; the
-        row's coordinates come from the keypoint head at the step that feeds `<keypoint>` back in.
-        For the semantic task no `<keypoint>` is emitted and the coordinates stay NaN. Prompts that
-        already end with `<keypoint>` (the no-ItD ablation) are answered by the prefill alone.
-
-        With `share_prefix` (the default), rows that share one query crop and start with the same
-        tokens up to and including the query image (the processor's layout: K keypoints of one
-        instance) prefill that prefix once, with batch 1, and all rows attend to its KV cache; only
-        the per-row rest (keypoint prompt, question) is prefilled per row. Rows without such a prefix,
-        or `share_prefix=False`, prefill every row in full. Both give the same answers.
-        """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer (the answer's length budget), got {max_new_tokens!r}")
-        self._check_sequence_inputs(input_ids, pixel_values, support_pixel_values, prompt_coords, attention_mask, max_new_tokens)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        kpt_id = self.config.keypoint_token_id
-        eos_ids = torch.tensor(self._eos_token_ids(), device=input_ids.device)
-        pad_id = self.generation_config.pad_token_id
-        pad_id = pad_id if pad_id is not None else int(eos_ids[0])
-        batch = input_ids.shape[0]
-
-        prefix_length = 0
-        if share_prefix:
-            prefix_length = self._shared_prefix_length(input_ids, attention_mask, pixel_values, support_pixel_values, prompt_coords)
-        if prefix_length:
-            out, attention_mask, position_ids = self._prefill_with_shared_prefix(
-                prefix_length, input_ids, attention_mask, pixel_values, support_pixel_values, prompt_coords, prompt_visible, pad_id
-            )
-        else:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding aware
-            out = self(
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                support_pixel_values=support_pixel_values,
-                prompt_coords=prompt_coords,
-                prompt_visible=prompt_visible,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        pred_keypoints = out.pred_keypoints  # NaN unless the prompt itself ends with <keypoint>
-        found = (input_ids[:, -1] == kpt_id) & ~pred_keypoints.isnan().any(-1)
-        finished = found.clone()
-        generated = []
-        next_tokens = self._greedy_token(out.logits[:, -1])  # (B,)
-        last_position = position_ids[:, -1:]
-        for _ in range(max_new_tokens):
-            if finished.all():
-                break
-            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
-            generated.append(next_tokens)
-            finished |= torch.isin(next_tokens, eos_ids)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
-            last_position = last_position + 1
-            out = self(
-                input_ids=next_tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=last_position,
-                cache=out.cache,
-                use_cache=True,
-            )
-            fed_keypoint = (next_tokens == kpt_id) & ~finished
-            pred_keypoints = torch.where(fed_keypoint[:, None], out.pred_keypoints, pred_keypoints)
-            found |= fed_keypoint
-            finished |= fed_keypoint
-            next_tokens = self._greedy_token(out.logits[:, -1])
-        sequences = torch.stack(generated, dim=1) if generated else input_ids.new_zeros(batch, 0)
-        return KptLlmDetectionOutput(sequences=sequences, pred_keypoints=pred_keypoints, keypoint_found=found)
-
-    def _shared_prefix_length(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        support_pixel_values: torch.Tensor | None,
-        prompt_coords: torch.Tensor | None,
-    ) -> int:
-        """Tokens at the start of every (unpadded) row that `detect_keypoints` can prefill once.
-
-        The prefix is the rows' longest common start, cut before the first `<kpt_prompt>` or
-        `<keypoint>` (their features differ per row) and before each row's last token (whose logits
-        start the answer). It must hold every `<image>` token of every row, all filled from the one
-        shared query crop. 0 means "prefill each row in full" (the path that also reports bad inputs).
-        """
-        batch, length = input_ids.shape
-        if batch < 2 or pixel_values is None or pixel_values.ndim != 4 or pixel_values.shape[0] != 1:
-            return 0  # a single row, or one query crop per row: nothing is shared
-        if (support_pixel_values is None) != (prompt_coords is None) or attention_mask.shape != input_ids.shape:
-            return 0
-        mask = attention_mask.bool()
-        lengths = mask.sum(-1)  # (B,)
-        starts = length - lengths  # (B,) first real token of each row
-        columns = torch.arange(length, device=input_ids.device)
-        if not torch.equal(mask, columns[None] >= starts[:, None]):
-            return 0  # not plain left padding: positions would not follow the layout below
-        shortest = int(lengths.min())
-        if shortest < 2:
-            return 0
-        aligned = input_ids.gather(1, starts[:, None] + columns[None, :shortest])  # (B, shortest) padding dropped
-        per_row_token = torch.isin(
-            aligned[0], torch.tensor([self.config.kpt_prompt_token_id, self.config.keypoint_token_id], device=input_ids.device)
-        )
-        stops = (aligned != aligned[:1]).any(0) | per_row_token  # (shortest,)
-        prefix_length = int(stops.int().argmax()) if stops.any() else shortest
-        prefix_length = min(prefix_length, shortest - 1)
-        image_id = self.config.image_token_id
-        images_in_prefix = int((aligned[0, :prefix_length] == image_id).sum())
-        if images_in_prefix == 0 or ((input_ids == image_id) & mask).sum(-1).ne(images_in_prefix).any():
-            return 0  # the query image is not (entirely) in the shared part
-        return prefix_length
-
-    def _prefill_with_shared_prefix(
-        self,
-        prefix_length: int,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
-        support_pixel_values: torch.Tensor | None,
-        prompt_coords: torch.Tensor | None,
-        prompt_visible: torch.Tensor | None,
-        pad_id: int,
-    ) -> tuple[KptLlmOutput, torch.Tensor, torch.Tensor]:
-        """Prefill the shared prefix once (batch 1), give every row its cache, then prefill the rows' rests.
-
-        Each row's cache is laid out [prefix | left padding | own tokens]; positions are those of the
-        full per-row computation (0 .. length-1), so the answers match the unshared path. Returns the
-        last step's output (last logits, keypoints of prompts ending with `<keypoint>`, the rows'
-        cache), the attention mask over the cache (B, P + S) and the rows' positions (B, S).
-        """
-        batch, length = input_ids.shape
-        device = input_ids.device
-        lengths = attention_mask.bool().sum(-1)  # (B,)
-        embed_tokens, decoder = self.get_input_embeddings(), self.get_decoder()
-
-        # one vision-tower call for the query crop and the support crops (`_encode_images` encodes a
-        # support crop that is the query crop itself, as in the semantic task, only once)
-        self._check_pixel_values(pixel_values, "pixel_values")
-        images = [pixel_values]
-        if support_pixel_values is not None:
-            self._check_pixel_values(support_pixel_values, "support_pixel_values")
-            images.append(support_pixel_values.to(pixel_values.device))
-        vision_features = self._encode_images(torch.cat(images))  # (1 [+ S], h*w, D_v)
-
-        # the shared prefix, with batch 1
-        start = length - int(lengths[0])
-        prefix_ids = input_ids[:1, start : start + prefix_length]  # (1, P)
-        image_features = self.multi_modal_projector(vision_features[:1]).flatten(0, 1)  # (h*w, D_llm)
-        prefix_embeds = self._scatter_placeholders(
-            embed_tokens(prefix_ids), prefix_ids, self.config.image_token_id, image_features, "Image"
-        )  # (1, P, D_llm)
-        prefix_positions = torch.arange(prefix_length, device=device)[None]  # (1, P)
-        cache = decoder(
-            inputs_embeds=prefix_embeds, attention_mask=torch.ones_like(prefix_ids), position_ids=prefix_positions, use_cache=True
-        ).cache
-        cache.batch_repeat_interleave(batch)  # every layer's keys/values: (1, H, P, d) -> (B, H, P, d)
-
-        # the rows' own tokens as one left-padded batch
-        suffix_lengths = lengths - prefix_length  # (B,) >= 1
-        suffix_width = int(suffix_lengths.max())
-        suffix_mask = torch.arange(suffix_width, device=device)[None] >= (suffix_width - suffix_lengths)[:, None]  # (B, S)
-        # the padding slots may hold other rows' prefix tokens (e.g. <image>): blank them out
-        suffix_ids = input_ids[:, length - suffix_width :].masked_fill(~suffix_mask, pad_id)  # (B, S)
-        suffix_embeds = embed_tokens(suffix_ids)  # (B, S, D_llm)
-        if support_pixel_values is not None:
-            support_features = vision_features[1:]  # (S_shots, h*w, D_v)
-            prompt_features = self.get_prompt_features(support_features, prompt_coords, prompt_visible)
-            suffix_embeds = self._scatter_placeholders(
-                suffix_embeds, suffix_ids, self.config.kpt_prompt_token_id, prompt_features, "Keypoint prompt"
-            )
-        elif (suffix_ids == self.config.kpt_prompt_token_id).any():
-            raise ValueError("input_ids contain <kpt_prompt> tokens but no support_pixel_values/prompt_coords")
-        positions = (prefix_length + suffix_mask.long().cumsum(-1) - 1).clamp(min=prefix_length)  # (B, S)
-        attention = torch.cat([attention_mask.new_ones(batch, prefix_length), suffix_mask.to(attention_mask.dtype)], dim=-1)
-        outputs = decoder(inputs_embeds=suffix_embeds, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True)
-        hidden_states = outputs.last_hidden_state  # (B, S, D_llm)
-        out = KptLlmOutput(
-            logits=self.get_output_embeddings()(hidden_states[:, -1:]),  # (B, 1, V)
-            pred_keypoints=self.predict_keypoints(suffix_ids, hidden_states),  # (B, 2)
-            cache=outputs.cache,
-        )
-        return out, attention, positions
-
-    def _greedy_token(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, V) -> (B,) argmax, never a placeholder: `<image>`/`<kpt_prompt>` carry features only at
-        prefill, so a (barely trained) model that wrote one could not be fed it back. `generate()` gets
-        the same rule from `generation_config.suppress_tokens`."""
-        placeholders = [self.config.image_token_id, self.config.kpt_prompt_token_id]
-        logits = logits.clone()
-        logits[:, placeholders] = float("-inf")
-        return logits.argmax(-1)
-
-    def _eos_token_ids(self) -> list[int]:
-        eos = self.generation_config.eos_token_id
-        if eos is None:
-            eos = self.config.text_config.eos_token_id
-        if eos is None:
-            raise ValueError("set generation_config.eos_token_id so that decoding knows when a row has finished")
-        return [eos] if isinstance(eos, int) else list(eos)
-
-
-__all__ = ["KptLlmForKeypointComprehension", "KptLlmPreTrainedModel"]
+__all__ = ["KptLlmDetectionOutput", "KptLlmForKeypointComprehension", "KptLlmPreTrainedModel"]

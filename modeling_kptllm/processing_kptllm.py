@@ -1,7 +1,9 @@
 """KptLLM processor: crops instances, builds the `[z_q, z_p, t]` token sequences, maps predictions back.
 
-One call handles one query instance and K keypoints and returns K sequences (one per keypoint), so
-`model.detect_keypoints(**inputs)` answers all keypoints of the instance in one batched call.
+One call handles one or more query instances (several images, several boxes per image) and K
+keypoints, and returns K sequences (one per keypoint) per instance, so `model.detect_keypoints(**inputs)`
+answers every keypoint of every instance in one batched call, and
+`post_process_keypoint_detection(outputs)` maps the answers back to each image and box.
 Coordinates given to and returned by the processor are pixels of the original images; inside the
 model they are normalized to [0, 1] in the square crop around the instance's box.
 This file ships to the Hub as remote code: relative imports only.
@@ -11,8 +13,8 @@ import math
 import numbers
 import os
 import re
-from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,6 @@ PROCESSOR_JSON_FILES = (
     "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "chat_template.json",
 )
-RECENT_QUERY_SIZES = 64  # query sizes post_process_keypoints checks image_size against
 
 
 def to_rgb_image(image: Image.Image, field: str = "image") -> Image.Image:
@@ -180,6 +181,51 @@ def denormalize_points(points: np.ndarray, box: Box) -> np.ndarray:
     return np.asarray(points, dtype=np.float64) * side + np.array([x0, y0])
 
 
+def _is_box(value) -> bool:
+    """A single [x, y, w, h] (not a list of boxes)."""
+    return isinstance(value, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(value, str) and len(value) == 4 and all(
+        isinstance(v, numbers.Real) or (isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim == 0) for v in value
+    )
+
+
+def boxes_per_image(query_bbox, num_images: int, batched: bool, field: str = "query_bbox") -> list[list]:
+    """`query_bbox` as one list of boxes ([x, y, w, h] or None: the whole image) per query image.
+
+    One image takes None, a box or a list of boxes; a list of images takes a list with one such entry
+    per image (or None: every image whole).
+    """
+    def of_one_image(value, name: str) -> list:
+        if value is None or _is_box(value):
+            return [value]
+        if isinstance(value, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(value, str) and len(value) > 0:
+            if all(_is_box(box) for box in value):
+                return list(value)
+        raise ValueError(f"{name} must be [x, y, w, h], a list of such boxes or None, got {value!r}")
+
+    if not batched:
+        return [of_one_image(query_bbox, field)]
+    if query_bbox is None:
+        return [[None] for _ in range(num_images)]
+    if isinstance(query_bbox, str) or not isinstance(query_bbox, (Sequence, np.ndarray)) or len(query_bbox) != num_images:
+        raise ValueError(
+            f"{field} must hold one entry per query image ({num_images}): None, [x, y, w, h] or a list of boxes"
+        )
+    return [of_one_image(value, f"{field}[{index}]") for index, value in enumerate(query_bbox)]
+
+
+@dataclass(frozen=True)
+class KeypointLayout:
+    """Where the rows of one processor call came from: what `post_process_keypoint_detection` needs.
+
+    Rows are instance-major (K per instance), instances image-major (an image's boxes in order).
+    """
+
+    image_sizes: list[tuple[int, int]]  # (height, width) of each query image, transformers' convention
+    boxes: list[list[list[float]]]  # per image, its instance boxes [x, y, w, h] (the whole image where none was given)
+    crop_boxes: list[Box]  # per instance, the square crop (x0, y0, side) its coordinates are normalized in
+    num_keypoints: int  # K: rows per instance
+
+
 class KptLlmProcessor(ProcessorMixin):
     r"""Builds KptLLM inputs for the three tasks.
 
@@ -221,8 +267,6 @@ class KptLlmProcessor(ProcessorMixin):
         self.image_token_id, self.kpt_prompt_token_id, self.keypoint_token_id = (
             self.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS
         )
-        # sizes of the queries prepared lately: post_process_keypoints(image_size=...) must name one of them
-        self._recent_query_sizes: deque[tuple[int, int]] = deque(maxlen=RECENT_QUERY_SIZES)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -344,7 +388,7 @@ class KptLlmProcessor(ProcessorMixin):
         task: str = "visual",
         kpt_names: Sequence[str] | None = None,
         text: Sequence[str] | None = None,
-        query_bbox: Sequence[float] | None = None,
+        query_bbox=None,
         support_bbox=None,
         support_visible=None,
         query_kpts=None,
@@ -353,30 +397,57 @@ class KptLlmProcessor(ProcessorMixin):
         identify_then_detect: bool = True,
         **kwargs,
     ) -> BatchFeature:
-        """Inputs for one query instance and K keypoints (K sequences).
+        """Inputs for one or more query instances and K keypoints (K sequences per instance).
 
         Args:
-            query: the query image (PIL or uint8 array).
+            query: the query image (PIL or uint8 array), or a list of them; every instance is asked for
+                the same K keypoints (the same support and kpts, or the same names).
             support: support image, or a list of them (K-shot) for `task="visual"`/"visual+textual".
             kpts: (K, 2) pixel keypoints on the support image (a list of them for several shots); for
                 `task="semantic"` the points on the query image to name.
             task: "visual", "textual", "semantic" or "visual+textual".
             kpt_names: K keypoint names: the textual prompt, and the answers when `return_labels`.
             text: K descriptions to ask for instead of the names in textual tasks.
-            query_bbox / support_bbox: [x, y, w, h] instance boxes (None: the whole image); one per shot.
+            query_bbox: [x, y, w, h] instance box (None: the whole image) or a list of boxes (several
+                instances on the image); for a list of queries, one such entry per image.
+            support_bbox: [x, y, w, h] instance box on the support (None: the whole image); one per shot.
             support_visible: (S, K) or (K,) flags; invisible shots are left out of a keypoint's prompt.
             query_kpts / query_visible: (K, 2) pixel targets on the query (training and evaluation).
             return_labels: also return `labels` holding the answers (needs `kpt_names`).
             identify_then_detect: False builds the no-ItD ablation (answer is `<keypoint>` alone).
+
+        Besides the model inputs, the result holds `keypoint_layout` (image sizes and boxes), which
+        `detect_keypoints` passes on to its output so that `post_process_keypoint_detection(outputs)` maps
+        every row back to its image and box, and, for several instances, `query_index` (the query crop of
+        each row, a model input).
         """
         if task not in TASKS:
             raise ValueError(f"task={task!r}; expected one of {TASKS}")
         return_tensors = kwargs.get("return_tensors")
         if return_tensors not in RETURN_TENSORS:
             raise ValueError(f"return_tensors={return_tensors!r}; expected 'pt' (what the model takes) or 'np'")
-        query_image = self._load(query, "query")
-        query_box = square_crop_box(query_bbox, query_image.size, self.crop_padding, "query_bbox")
-        data: dict[str, torch.Tensor] = {"pixel_values": self._pixel_values([self._crop(query_image, query_box)])}
+        batched = isinstance(query, (list, tuple))
+        queries = list(query) if batched else [query]
+        if not queries:
+            raise ValueError("query is an empty list: pass at least one query image")
+        query_images = [self._load(image, f"query[{i}]" if batched else "query") for i, image in enumerate(queries)]
+        per_image = boxes_per_image(query_bbox, len(query_images), batched)
+        crops, crop_boxes, boxes = [], [], []
+        for index, (image, image_boxes) in enumerate(zip(query_images, per_image)):
+            boxes.append([])
+            for number, bbox in enumerate(image_boxes):
+                field = "query_bbox" + (f"[{index}]" if batched else "") + (f"[{number}]" if len(image_boxes) > 1 else "")
+                crop_box = square_crop_box(bbox, image.size, self.crop_padding, field)
+                crops.append(self._crop(image, crop_box))
+                crop_boxes.append(crop_box)
+                boxes[-1].append([float(v) for v in bbox] if bbox is not None else [0.0, 0.0, float(image.width), float(image.height)])
+        num_instances = len(crops)
+        if num_instances > 1 and task == "semantic":
+            raise ValueError("the semantic task names points of one query instance: call the processor once per instance")
+        if num_instances > 1 and query_kpts is not None:
+            raise ValueError("query_kpts (training targets) need a single query instance: call the processor once per instance")
+        query_image, query_box = query_images[0], crop_boxes[0]  # the semantic task's and the targets' one instance
+        data: dict[str, torch.Tensor] = {"pixel_values": self._pixel_values(crops)}  # (I, 3, H, W)
 
         num_kpts = None
         if task in ("semantic", "visual", "visual+textual"):
@@ -430,10 +501,18 @@ class KptLlmProcessor(ProcessorMixin):
             normalized[~visible] = 0.0
             data["keypoint_labels"] = torch.tensor(normalized, dtype=torch.float32)
             data["keypoint_visible"] = torch.tensor(visible, dtype=torch.long)
-        self._recent_query_sizes.append(query_image.size)
+        if num_instances > 1:  # every instance asks the same K rows, instance after instance
+            for key in ("input_ids", "attention_mask", "labels", "prompt_coords", "prompt_visible"):
+                if key in data:
+                    data[key] = data[key].repeat(num_instances, *[1] * (data[key].ndim - 1))
+            data["query_index"] = torch.arange(num_instances).repeat_interleave(num_kpts)  # (I*K,)
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        layout = KeypointLayout(
+            image_sizes=[(image.height, image.width) for image in query_images], boxes=boxes, crop_boxes=crop_boxes,
+            num_keypoints=num_kpts,
+        )
+        return BatchFeature(data={**data, "keypoint_layout": layout}, tensor_type=return_tensors)
 
     def _support_inputs(self, support, kpts, support_bbox, support_visible) -> dict[str, torch.Tensor]:
         if support is None:
@@ -484,35 +563,94 @@ class KptLlmProcessor(ProcessorMixin):
             names.append(match.group(1).strip() if match else None)
         return names
 
-    def post_process_keypoints(
-        self, outputs, image_size: tuple[int, int], query_bbox: Sequence[float] | None = None
-    ) -> list[dict]:
-        """Model outputs -> [{"name", "x", "y"}] in pixels of the original query image.
+    def post_process_keypoint_detection(
+        self, outputs, target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None, boxes=None
+    ) -> list[list[dict]]:
+        """`detect_keypoints` outputs -> per query image, one dict per box, in original pixels.
 
-        `image_size` is the query's (width, height) and `query_bbox` the box used for the inputs;
-        x and y are None where the model emitted no `<keypoint>`, name is None where no name was written.
-        Without `query_bbox` the crop is the whole image, so `image_size` must be the size of a query this
-        processor prepared (one of the last 64): another size would silently scale every point wrongly.
+        Each dict holds "keypoints" (K, 2) float tensor of (x, y) pixels (NaN where the model emitted no
+        `<keypoint>`), "scores" (K,) (the model's `keypoint_scores`: p(`<keypoint>`) times the geometric
+        mean of the probabilities of the naming tokens before it; 0 where no `<keypoint>`), "labels" (K,)
+        (the keypoint's index in the prompt: support kpts or kpt_names order), "names" (the K names the
+        model wrote, None where none could be read) and "bbox" ([x, y, w, h] tensor: the instance box).
+
+        The image sizes and boxes of the processor call travel with the outputs (`keypoint_layout`), so
+        neither argument is needed for `detect_keypoints(**processor(...))`. Given, each replaces the
+        recorded value, as in transformers' VitPose/SuperPoint post-processing: `target_sizes` the
+        (height, width) of each query image, `boxes` per image a list of [x, y, w, h] (None: the whole image).
         """
-        try:
-            width, height = (int(v) for v in image_size)
-        except (TypeError, ValueError):
-            raise ValueError(f"image_size must be the query's (width, height), got {image_size!r}") from None
-        if (width, height) != tuple(image_size) or width < 1 or height < 1:
-            raise ValueError(f"image_size must be the query's (width, height) in whole pixels, got {image_size!r}")
-        recent = getattr(self, "_recent_query_sizes", ())
-        if query_bbox is None and recent and (width, height) not in recent:
+        # read as a mapping: a pipeline hands the outputs on as a plain ModelOutput
+        layout = outputs.get("keypoint_layout")
+        if target_sizes is None and layout is None:
             raise ValueError(
-                f"image_size={(width, height)} is not the size of the query this processor prepared "
-                f"({recent[-1][0]}x{recent[-1][1]} last): pass image_size=query.size (and the query_bbox used)"
+                "these outputs carry no keypoint_layout (they did not come from detect_keypoints(**processor(...))): "
+                "pass target_sizes=[(height, width), ...] of the query images, and boxes if the inputs used any"
             )
-        box = square_crop_box(query_bbox, image_size, self.crop_padding, "query_bbox")
-        names = self.decode_names(outputs.sequences)
-        points = denormalize_points(outputs.pred_keypoints.float().cpu().numpy(), box)
-        results = []
-        for name, (x, y), found in zip(names, points, outputs.keypoint_found.tolist()):
-            results.append({"name": name, "x": float(x) if found else None, "y": float(y) if found else None})
+        if outputs.get("keypoint_scores") is None:
+            raise ValueError("outputs lack keypoint_scores: pass what model.detect_keypoints returns")
+        sizes = layout.image_sizes if target_sizes is None else self._target_sizes(target_sizes)
+        if boxes is not None:
+            per_image = boxes_per_image(boxes, len(sizes), batched=True, field="boxes")
+        elif layout is not None:
+            per_image = layout.boxes
+        else:
+            per_image = [[None] for _ in sizes]
+        if len(per_image) != len(sizes):
+            raise ValueError(f"{len(sizes)} image sizes but boxes for {len(per_image)} images")
+        if layout is not None and target_sizes is None and boxes is None:
+            crop_boxes = layout.crop_boxes
+        else:
+            crop_boxes = [
+                square_crop_box(box, (width, height), self.crop_padding, f"boxes[{index}]")
+                for index, ((height, width), image_boxes) in enumerate(zip(sizes, per_image)) for box in image_boxes
+            ]
+            per_image = [
+                [[0.0, 0.0, float(width), float(height)] if box is None else [float(v) for v in box] for box in image_boxes]
+                for (height, width), image_boxes in zip(sizes, per_image)
+            ]
+        num_rows, num_instances = outputs["sequences"].shape[0], len(crop_boxes)
+        if num_rows % num_instances or (layout is not None and num_rows != num_instances * layout.num_keypoints):
+            raise ValueError(f"{num_rows} keypoint rows do not split into {num_instances} instances of equal size")
+        num_kpts = num_rows // num_instances
+        names = self.decode_names(outputs["sequences"])
+        normalized = outputs["pred_keypoints"].float().cpu().numpy()  # (B, 2), NaN where not found
+        found = outputs["keypoint_found"].cpu()
+        scores = torch.where(found, outputs["keypoint_scores"].float().cpu(), 0.0)
+        found = found.numpy()
+        results, instance = [], 0
+        for image_boxes in per_image:
+            image_results = []
+            for box in image_boxes:
+                rows = slice(instance * num_kpts, (instance + 1) * num_kpts)
+                points = denormalize_points(normalized[rows], crop_boxes[instance])
+                points[~found[rows]] = np.nan
+                image_results.append({
+                    "keypoints": torch.tensor(points, dtype=torch.float32),
+                    "scores": scores[rows].clone(),
+                    "labels": torch.arange(num_kpts),
+                    "names": names[rows],
+                    "bbox": torch.tensor(box, dtype=torch.float32),
+                })
+                instance += 1
+            results.append(image_results)
         return results
 
+    @staticmethod
+    def _target_sizes(target_sizes) -> list[tuple[int, int]]:
+        """(height, width) pairs of whole, positive pixels (a list of pairs or an (N, 2) tensor)."""
+        sizes = target_sizes.tolist() if isinstance(target_sizes, (torch.Tensor, np.ndarray)) else target_sizes
+        checked = []
+        for size in sizes:
+            try:
+                height, width = size
+            except (TypeError, ValueError):
+                raise ValueError(f"target_sizes must hold (height, width) per query image, got {size!r}") from None
+            if not all(isinstance(v, numbers.Real) and float(v).is_integer() and v >= 1 for v in (height, width)):
+                raise ValueError(f"target_sizes must hold (height, width) in whole, positive pixels, got {size!r}")
+            checked.append((int(height), int(width)))
+        if not checked:
+            raise ValueError("target_sizes is empty: pass the (height, width) of each query image")
+        return checked
 
-__all__ = ["KptLlmProcessor"]
+
+__all__ = ["KeypointLayout", "KptLlmProcessor"]

@@ -98,13 +98,12 @@ def predict_episode(
     inputs, prompted, query = episode_inputs(processor, instances, episode, task, identify_then_detect)
     inputs = inputs.to(model.device)
     outputs = model.detect_keypoints(**inputs)
-    results = processor.post_process_keypoints(outputs, (query["width"], query["height"]), query["bbox"])
+    (result,), = processor.post_process_keypoint_detection(outputs)  # one image, one box
     points = np.full((len(query["visible"]), 2), np.nan)
+    points[prompted] = result["keypoints"].double().numpy()  # NaN where the model emitted no <keypoint>
     names: list[str | None] = [None] * len(query["visible"])
-    for index, result in zip(prompted, results):
-        names[index] = result["name"]
-        if result["x"] is not None:
-            points[index] = (result["x"], result["y"])
+    for index, name in zip(prompted, result["names"]):
+        names[index] = name
     return points, names
 
 

@@ -123,9 +123,8 @@ def predict_textual(
         identify_then_detect=identify_then_detect,
     ).to(model.device)
     outputs = model.detect_keypoints(**inputs)
-    results = processor.post_process_keypoints(outputs, (row["width"], row["height"]), row["bbox"])
-    points = np.array([[np.nan, np.nan] if r["x"] is None else [r["x"], r["y"]] for r in results], dtype=np.float64)
-    return points, [r["name"] for r in results]  # points: (K, 2)
+    (result,), = processor.post_process_keypoint_detection(outputs)  # one image, one box
+    return result["keypoints"].double().numpy(), result["names"]  # (K, 2) pixels, NaN: not localized
 
 
 def mean_position_predictions(instances: Dataset, train_instances: Dataset, crop_padding: float) -> list[np.ndarray]:

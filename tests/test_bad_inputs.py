@@ -254,17 +254,22 @@ def test_max_new_tokens_must_be_positive(tiny, images, max_new_tokens):
         model.detect_keypoints(**visual_inputs(processor, images), max_new_tokens=max_new_tokens)
 
 
-def test_post_processing_refuses_an_image_size_that_was_not_processed(tiny, images):
+def test_post_processing_needs_the_query_sizes_when_the_outputs_do_not_carry_them(tiny, images):
     _, processor = tiny
-    visual_inputs(processor, images)  # an 80x60 query
     outputs = KptLlmDetectionOutput(
-        sequences=torch.zeros(1, 1, dtype=torch.long), pred_keypoints=torch.tensor([[0.5, 0.5]]), keypoint_found=torch.tensor([True])
+        sequences=torch.zeros(1, 1, dtype=torch.long), pred_keypoints=torch.tensor([[0.5, 0.5]]),
+        keypoint_found=torch.tensor([True]), keypoint_scores=torch.tensor([0.5]),
     )
-    with pytest.raises(ValueError, match=r"image_size=\(800, 600\) is not the size of the query .*\(80x60 last\)"):
-        processor.post_process_keypoints(outputs, image_size=(800, 600))
-    with pytest.raises(ValueError, match=r"image_size must be the query's \(width, height\)"):
-        processor.post_process_keypoints(outputs, image_size=(80.5, 60))
-    assert processor.post_process_keypoints(outputs, image_size=(80, 60))[0]["x"] == pytest.approx(40.0)
+    with pytest.raises(ValueError, match=r"carry no keypoint_layout .* pass target_sizes=\[\(height, width\)"):
+        processor.post_process_keypoint_detection(outputs)
+    with pytest.raises(ValueError, match=r"target_sizes must hold \(height, width\) in whole, positive pixels"):
+        processor.post_process_keypoint_detection(outputs, target_sizes=[(60, 80.5)])
+    with pytest.raises(ValueError, match="1 keypoint rows do not split into 2 instances"):
+        processor.post_process_keypoint_detection(outputs, target_sizes=[(60, 80)], boxes=[[[0, 0, 10, 10], [5, 5, 10, 10]]])
+    with pytest.raises(ValueError, match="outputs lack keypoint_scores"):
+        processor.post_process_keypoint_detection(outputs.__class__(**{**outputs, "keypoint_scores": None}), target_sizes=[(60, 80)])
+    (result,), = processor.post_process_keypoint_detection(outputs, target_sizes=[(60, 80)])
+    assert result["keypoints"].tolist() == [[40.0, 30.0]]  # the whole 80x60 image: an 80-pixel square crop
 
 
 @pytest.mark.parametrize("max_steps", ["0", "-5"])
@@ -337,7 +342,7 @@ def test_single_channel_arrays_are_grey_and_five_channels_are_refused(tiny, imag
 def test_return_tensors_np_is_supported_and_the_model_asks_for_pt(tiny, images):
     model, processor = tiny
     inputs = visual_inputs(processor, images, return_tensors="np")
-    assert all(isinstance(value, np.ndarray) for value in inputs.values())
+    assert all(isinstance(value, np.ndarray) for key, value in inputs.items() if key != "keypoint_layout")
     with pytest.raises(TypeError, match=r"input_ids must be a torch.Tensor, got numpy.ndarray: call the processor with return_tensors='pt'"):
         model.detect_keypoints(**inputs)
     with pytest.raises(ValueError, match=r"return_tensors='tf'; expected 'pt' \(what the model takes\) or 'np'"):

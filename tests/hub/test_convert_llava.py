@@ -303,8 +303,8 @@ LOADER = textwrap.dedent(
     query = Image.open(query_path)
     inputs = processor(query=query, support=Image.open(support_path), kpts=[[10, 12], [30, 40]], task="visual")
     det = model.detect_keypoints(**inputs, max_new_tokens=6)
-    results = processor.post_process_keypoints(det, image_size=query.size)
-    assert len(results) == 2 and all(set(r) == {"name", "x", "y"} for r in results), results
+    (result,), = processor.post_process_keypoint_detection(det)
+    assert set(result) == {"keypoints", "scores", "labels", "names", "bbox"} and result["keypoints"].shape == (2, 2), result
     save_file({"sequences": det.sequences, "pred_keypoints": det.pred_keypoints}, out_path)
     """
 )

@@ -42,6 +42,7 @@ EVAL_REPORT = {
 EXPECTED_FILES = {
     "README.md", "config.json", "generation_config.json", "model.safetensors", "processor_config.json",
     "tokenizer.json", "tokenizer_config.json", "configuration_kptllm.py", "modeling_kptllm.py", "processing_kptllm.py",
+    "decoding_kptllm.py",
 }
 REPO_ID = "someone/kptllm-tiny"
 

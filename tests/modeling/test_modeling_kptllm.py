@@ -368,10 +368,12 @@ def test_batched_detection_matches_per_keypoint_reference(trained):
         assert row.tolist() == ref_tokens.tolist()
         torch.testing.assert_close(out.pred_keypoints[index], ref_point, atol=1e-4, rtol=0)
 
-    results = processor.post_process_keypoints(out, image_size=images["query"].size)
-    assert [r["name"] for r in results] == names
+    (result,), = processor.post_process_keypoint_detection(out)
+    assert result["names"] == names and result["labels"].tolist() == list(range(len(SUPPORT_KPTS)))
     # the whole 80x60 image is the crop: an 80-pixel square centred on it
-    assert all(0 <= r["x"] <= 80 and -10 <= r["y"] <= 70 for r in results)
+    x, y = result["keypoints"].T
+    assert ((0 <= x) & (x <= 80) & (-10 <= y) & (y <= 70)).all()
+    assert ((0 < result["scores"]) & (result["scores"] <= 1)).all()
 
 
 def test_generate_drops_support_inputs_after_prefill_and_matches(trained):

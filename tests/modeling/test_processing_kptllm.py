@@ -95,9 +95,14 @@ def test_post_process_maps_back_to_pixels(tiny):
         sequences=sequences,
         pred_keypoints=torch.tensor([[0.25, 0.5], [float("nan"), float("nan")]]),
         keypoint_found=torch.tensor([True, False]),
+        keypoint_scores=torch.tensor([0.75, 0.0]),
     )
-    results = processor.post_process_keypoints(outputs, image_size=(100, 80), query_bbox=[10, 20, 40, 20])
-    assert results == [{"name": "nose", "x": 20.0, "y": 30.0}, {"name": "tail tip", "x": None, "y": None}]
+    # hand-made outputs carry no processor record: sizes (height, width) and boxes are given, as for VitPose
+    (result,), = processor.post_process_keypoint_detection(outputs, target_sizes=[(80, 100)], boxes=[[[10, 20, 40, 20]]])
+    assert result["names"] == ["nose", "tail tip"]
+    torch.testing.assert_close(result["keypoints"], torch.tensor([[20.0, 30.0], [float("nan"), float("nan")]]), equal_nan=True)
+    assert result["scores"].tolist() == [0.75, 0.0] and result["labels"].tolist() == [0, 1]
+    assert result["bbox"].tolist() == [10, 20, 40, 20]
 
 
 def test_k_shot_support(tiny, images):
