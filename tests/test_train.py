@@ -470,3 +470,14 @@ def test_freezing_the_vision_modules_leaves_the_llm_and_head_trainable(tiny):
     for name, parameter in model.named_parameters():
         front = name.split(".")[0] in train.VISION_MODULES
         assert parameter.requires_grad != front, name
+
+
+def test_freezing_the_first_layer_match_keeps_only_its_queries_and_keys(tiny):
+    import copy
+
+    model = copy.deepcopy(tiny[0])
+    train.freeze_first_layer_match(model)
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+    first_attention = "language_model.model.layers.0.self_attn."
+    assert frozen == {name for name, _ in model.named_parameters() if name.startswith((first_attention + "q_proj.", first_attention + "k_proj."))}
+    assert frozen  # the queries' and keys' weights

@@ -17,6 +17,7 @@ from processing.vision_pretraining import (
     pretrain_vision_modules,
     prompt_distance,
     prompt_to_patch_cosine,
+    sharpen_first_layer_match,
 )
 from train import keypoint_vocabulary
 
@@ -224,3 +225,53 @@ def test_stage0_with_the_first_layer_match_trains_that_layer_and_no_other_llm_we
     first_layer = "language_model.model.layers.0."
     assert changed_llm and all(name.startswith(first_layer) for name in changed_llm)
     assert {first_layer + f"self_attn.{p}_proj.weight" for p in "qkvo"} <= changed_llm
+
+
+def test_sharpening_the_first_layer_match_multiplies_its_scores(tiny):
+    model = copy.deepcopy(tiny[0])
+    for parameter in model.language_model.get_decoder().layers[0].parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    match = FirstLayerMatch(model, prompt_distance=3)
+    width = model.config.text_config.hidden_size
+    query_tokens, prompt_tokens, rows = torch.randn(2, model.config.patch_grid_size**2, width), torch.randn(3, width), torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        soft, _ = match.attend(prompt_tokens, query_tokens, rows)
+        asked, _ = match.attend(prompt_tokens, query_tokens, rows, sharpness=4.0)
+        match.sharpen(4.0)
+        sharpened, _ = match.attend(prompt_tokens, query_tokens, rows)
+    torch.testing.assert_close(sharpened, asked)
+    assert (sharpened.amax(-1) > soft.amax(-1)).all()  # the same match, more weight on its peak
+    assert torch.equal(sharpened.argmax(-1), soft.argmax(-1))
+
+
+def test_stage0_sharpens_the_first_layer_match_to_its_best_factor_on_training_pairs(instances, tiny, monkeypatch):
+    import processing.vision_pretraining as vision_pretraining
+
+    model, processor = copy.deepcopy(tiny[0]), tiny[1]
+    name_ids = _name_ids(instances)
+    pretraining_model = VisionPretrainingModel(model, len(name_ids), prompt_distance=prompt_distance(processor, model.config))
+    rates = {1.0: 0.5, 2.0: 0.7, 4.0: 0.7}  # a tie: the smaller factor
+    asked = {}
+
+    def hit_rates(self, batches, sharpness, radius):
+        asked.update(batches=list(batches), sharpness=tuple(sharpness), radius=radius)
+        return {factor: rates[factor] for factor in sharpness}
+
+    monkeypatch.setattr(vision_pretraining.VisionPretrainingModel, "match_hit_rates", hit_rates)
+    monkeypatch.setattr(vision_pretraining, "SHARPNESS_CANDIDATES", tuple(rates))
+    q_proj = model.language_model.get_decoder().layers[0].self_attn.q_proj.weight
+    before = q_proj.detach().clone()
+    assert sharpen_first_layer_match(pretraining_model, instances, processor, name_ids, 4, 0.15, seed=0) == 2.0
+    torch.testing.assert_close(q_proj.detach(), 2 * before)
+    assert asked["radius"] == pytest.approx(0.2 / processor.crop_padding)
+    assert asked["batches"] and all(len(batch["pixel_values"]) <= 4 for batch in asked["batches"])
+
+
+def test_the_match_hit_rate_counts_attention_centres_near_the_target(instances, tiny):
+    model, processor = copy.deepcopy(tiny[0]), tiny[1]
+    name_ids = _name_ids(instances)
+    pretraining_model = VisionPretrainingModel(model, len(name_ids), prompt_distance=prompt_distance(processor, model.config))
+    batch = collate_keypoint_pairs([KeypointPairDataset(instances, processor, name_ids, seed=0)[i] for i in range(4)])
+    rates = pretraining_model.match_hit_rates([batch], (1.0, 8.0), radius=2.0)  # every point lies within 2
+    assert rates == {1.0: 1.0, 8.0: 1.0}
+    assert set(pretraining_model.match_hit_rates([batch], (1.0,), radius=0.0).values()) == {0.0}
