@@ -6,7 +6,8 @@
 
 The export copies, from the model folder, only what a model repo holds: safetensors weights (any
 pickle-based file — .bin, .pt, .pkl, ... — is refused), the remote-code files, config.json
-(with an `auto_map` for AutoConfig, AutoModel and AutoProcessor), the processor and tokenizer
+(with an `auto_map` for AutoConfig, AutoModel and AutoProcessor, and the "keypoint-comprehension"
+pipeline under `custom_pipelines`), the processor and tokenizer
 files and generation_config.json, and writes the model card (README.md) from the evaluation JSON.
 The folder is built in a staging directory and checked there (every required file present, every
 `auto_map` target defined in the folder, and, with `--load_check`, loading with
@@ -42,6 +43,7 @@ from transformers import HfArgumentParser
 
 import modeling_kptllm
 from modeling_kptllm import KptLlmConfig, KptLlmForKeypointComprehension, KptLlmProcessor
+from modeling_kptllm.modeling_kptllm import CUSTOM_PIPELINES, PIPELINE_FILE
 
 from .model_card import EvalJsonError, build_model_card, load_eval_report, set_card_revision
 
@@ -57,8 +59,11 @@ MODEL_AUTO_MAP = {
     "AutoProcessor": _auto_map_target(KptLlmProcessor),
 }
 PROCESSOR_AUTO_MAP = {"AutoProcessor": _auto_map_target(KptLlmProcessor)}
-# the auto classes' modules, and the flat files they import relatively (save_pretrained copies those too)
-REMOTE_CODE_FILES = tuple(sorted({f"{target.split('.')[0]}.py" for target in MODEL_AUTO_MAP.values()} | {"decoding_kptllm.py"}))
+# the auto classes' modules, the flat files they import relatively (save_pretrained copies those too) and
+# the pipeline that config.json's custom_pipelines names
+REMOTE_CODE_FILES = tuple(sorted(
+    {f"{target.split('.')[0]}.py" for target in MODEL_AUTO_MAP.values()} | {"decoding_kptllm.py", PIPELINE_FILE}
+))
 REPO_CODE_DIR = Path(modeling_kptllm.__file__).resolve().parent
 
 # What a model repo holds, besides the remote code and README.md. Everything else in the model
@@ -171,6 +176,13 @@ def _set_auto_map(path: Path, auto_map: dict[str, str]) -> None:
     _write_json(path, data)
 
 
+def _set_custom_pipelines(path: Path) -> None:
+    """config.json names the pipeline the export ships (a folder saved before the pipeline existed lacks it)."""
+    data = json.loads(path.read_text())
+    data["custom_pipelines"] = {**data.get("custom_pipelines", {}), **CUSTOM_PIPELINES}
+    _write_json(path, data)
+
+
 def list_folder(folder: Path) -> list[tuple[str, int]]:
     """(relative path, bytes) of every file that an upload of `folder` sends, sorted."""
     return sorted(
@@ -241,6 +253,13 @@ def check_export_folder(folder: Path) -> list[str]:
                     problems.append(f"{config_name}: auto_map.{key} = {single!r}, but {module}.py defines no class {class_name}")
     if "config.json" in names and json.loads((folder / "config.json").read_text()).get("model_type") != KptLlmConfig.model_type:
         problems.append(f"config.json: model_type is not {KptLlmConfig.model_type!r}")
+    if "config.json" in names:
+        for task, info in json.loads((folder / "config.json").read_text()).get("custom_pipelines", {}).items():
+            module, _, class_name = str(info.get("impl", "")).rpartition(".")
+            if f"{module}.py" not in names:
+                problems.append(f"config.json: custom_pipelines.{task} = {info.get('impl')!r}, but {module}.py is not in the folder")
+            elif class_name not in _defined_classes(folder / f"{module}.py"):
+                problems.append(f"config.json: custom_pipelines.{task} = {info.get('impl')!r}, but {module}.py defines no class {class_name}")
     for name in sorted(n for n in names if n.endswith(".py")):
         problems += _code_problems(folder, name)
     if CARD_FILE in names:
@@ -379,6 +398,7 @@ def export_folder(
         for name, source in files.items():
             shutil.copyfile(source, staging / name)
         _set_auto_map(staging / "config.json", MODEL_AUTO_MAP)
+        _set_custom_pipelines(staging / "config.json")
         _set_auto_map(staging / "processor_config.json", PROCESSOR_AUTO_MAP)
         # facts and training records come from the source folder (train.py writes its records beside it)
         card = build_model_card(

@@ -377,26 +377,27 @@ def limitation_lines(report: EvalReport, facts: ModelFacts, from_scratch: bool |
 def usage_snippet(repo_id: str, revision: str | None) -> str:
     revision_line = f'revision = "{revision}"{PINNED_COMMENT}' if revision else f'revision = "{UNPINNED_REVISION}"{UNPINNED_COMMENT}'
     return f'''from PIL import Image
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModel, AutoProcessor, pipeline
 
 repo_id = "{repo_id}"
 {revision_line}
-processor = AutoProcessor.from_pretrained(repo_id, revision=revision, trust_remote_code=True)
-model = AutoModel.from_pretrained(repo_id, revision=revision, trust_remote_code=True).eval()
-
 query = Image.open("query.jpg").convert("RGB")      # the image to find keypoints in
 support = Image.open("support.jpg").convert("RGB")  # an example of the same kind of object
 support_keypoints = [[40, 30], [60, 52]]            # (x, y) pixels on the support image
 
-# visual prompt: the support keypoints -> their names and positions on the query (one batched call)
-inputs = processor(query=query, support=support, kpts=support_keypoints, task="visual")
-outputs = model.detect_keypoints(**inputs)
-for keypoint in processor.post_process_keypoints(outputs, image_size=query.size):
-    print(keypoint)  # {{"name": ..., "x": ..., "y": ...}} in query-image pixels
+# the pipeline: support keypoints -> their names, positions on the query (pixels) and scores
+detector = pipeline("keypoint-comprehension", model=repo_id, revision=revision, trust_remote_code=True)
+print(detector(query=query, support=support, kpts=support_keypoints))
+print(detector(query=query, kpt_names=["left eye", "nose"], task="textual"))  # textual prompt
 
-# textual prompt: keypoint names instead of a support image
-inputs = processor(query=query, kpt_names=["left eye", "nose"], task="textual")
-print(processor.post_process_keypoints(model.detect_keypoints(**inputs), image_size=query.size))
+# the model and processor: several query images and boxes in one call, VitPose-style results
+processor = AutoProcessor.from_pretrained(repo_id, revision=revision, trust_remote_code=True)
+model = AutoModel.from_pretrained(repo_id, revision=revision, trust_remote_code=True).eval()
+inputs = processor(query=[query, query], query_bbox=[None, [[0, 0, 60, 50]]], support=support, kpts=support_keypoints)
+outputs = model.detect_keypoints(**inputs)
+for boxes in processor.post_process_keypoint_detection(outputs):  # per image, one dict per box
+    for result in boxes:
+        print(result["names"], result["keypoints"], result["scores"])  # (K,) names, (K, 2) pixels, (K,) scores
 
 # semantic understanding: what is the keypoint at (x, y) of the query?
 inputs = processor(query=query, kpts=[[30, 20]], task="semantic")

@@ -12,6 +12,7 @@ This file ships to the Hub as remote code: relative imports only.
 
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -36,6 +37,13 @@ from .decoding_kptllm import KptLlmDecodingMixin, KptLlmDetectionOutput
 # starts attending to the patches within about one patch of it (measured: 99% of prompts put the
 # most weight on their own patch of an 8x8 grid, ~60% of the weight).
 POSITION_AMPLITUDE = 3.0
+
+# `pipeline("keypoint-comprehension", model=folder, trust_remote_code=True)`: save_pretrained writes this into
+# config.json and copies the pipeline's file beside the model's, as `Pipeline.save_pretrained` does
+PIPELINE_FILE = "pipeline_kptllm.py"
+CUSTOM_PIPELINES = {
+    "keypoint-comprehension": {"impl": "pipeline_kptllm.KptLlmKeypointPipeline", "pt": ["AutoModel"], "type": "multimodal"},
+}
 
 
 @dataclass
@@ -401,6 +409,20 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
                 "or infinity (a diverged training run?)"
             )
         return (model, info) if with_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' saving; with the remote code it also ships the pipeline (file + config entry)."""
+        pipeline_file = Path(__file__).with_name(PIPELINE_FILE)
+        # a model loaded as remote code finds only the files its modules import beside it: without the
+        # pipeline's file the folder must not advertise the pipeline
+        ships_pipeline = self._auto_class is not None and pipeline_file.is_file()
+        if ships_pipeline:
+            self.config.custom_pipelines = CUSTOM_PIPELINES
+        elif hasattr(self.config, "custom_pipelines"):
+            del self.config.custom_pipelines
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if ships_pipeline:
+            shutil.copyfile(pipeline_file, Path(save_directory) / PIPELINE_FILE)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

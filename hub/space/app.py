@@ -4,8 +4,9 @@
     KPTLLM_MODEL=user/kptllm-tiny python hub/space/app.py    # a Hub repo id or any KptLLM folder
     python hub/space/app.py --model DIR --port 7860
 
-The model loads with `AutoModel` / `AutoProcessor` and `trust_remote_code=True`, so the Space needs
-none of this repository's packages: only this folder (app.py, space_inputs.py, space_drawing.py).
+The model runs through the pipeline it ships with (`pipeline("keypoint-comprehension", model=...,
+trust_remote_code=True)`), so the Space needs none of this repository's packages: only this folder
+(app.py, space_inputs.py, space_drawing.py).
 Which model: `--model`, else the `KPTLLM_MODEL` environment variable (on a Space: a variable in its
 settings, e.g. the repo id that `python -m hub.export --push` wrote), else the folder `python
 train.py` writes (`runs/tiny/model` in the repository). With none of them, the page says so.
@@ -27,7 +28,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoModel, AutoProcessor, HfArgumentParser  # noqa: E402
+from transformers import HfArgumentParser, pipeline  # noqa: E402
 
 # `python app.py` (a Space) has this folder on sys.path already; the tests load app.py by its path
 SPACE_DIR = Path(__file__).resolve().parent
@@ -52,7 +53,8 @@ logger = logging.getLogger("kptllm.space")
 
 MODEL_ENV = "KPTLLM_MODEL"
 EMBEDDED_DEFAULT_MODEL = SPACE_DIR.parent.parent / "runs" / "tiny" / "model"
-TABLE_HEADERS = ["#", "keypoint", "x", "y"]
+TABLE_HEADERS = ["#", "keypoint", "x", "y", "score"]
+TASK = "keypoint-comprehension"  # the pipeline a KptLLM folder names in config.json's custom_pipelines
 MAX_NEW_TOKENS = 24  # "It is the front left paw. <keypoint>" is ~10 tokens with a Llama tokenizer
 
 
@@ -71,7 +73,7 @@ class KeypointService:
 
     def __init__(self, source: str | None):
         self.source = source
-        self.model = self.processor = self.to_rgb = None
+        self.detector = self.to_rgb = None
         if source is None:
             self.problem = (
                 f"No model to run: set {MODEL_ENV} to a KptLLM folder or Hub repo id, or run "
@@ -79,11 +81,10 @@ class KeypointService:
             )
             return
         try:
-            self.model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
-            self.processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+            self.detector = pipeline(TASK, model=source, trust_remote_code=True)
             self.problem = None
             # the processor's own conversion: a 16-bit or float upload is rescaled as the training images were
-            self.to_rgb = getattr(self.processor, "to_rgb_image", None)
+            self.to_rgb = getattr(self.detector.processor, "to_rgb_image", None)
         except Exception as err:  # any failure to load is shown on the page, not as a crash
             logger.exception("loading %s failed", source)
             self.problem = f"Could not load the model from {source!r}: {type(err).__name__}: {str(err)[:300]}"
@@ -92,29 +93,27 @@ class KeypointService:
     def banner(self) -> str:
         if self.problem:
             return f"**⚠ {self.problem}**"
-        return f"Model: `{self.source}` ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f} M parameters)"
+        return f"Model: `{self.source}` ({sum(p.numel() for p in self.detector.model.parameters()) / 1e6:.1f} M parameters)"
 
     def _require_model(self) -> None:
         if self.problem:
             raise InputError(self.problem)
 
-    def _run(self, image, **processor_kwargs):
-        """(results, decoded answers) of one batched identify-then-detect call."""
+    def _run(self, image, **processor_kwargs) -> list[dict]:
+        """The pipeline's keypoints ({"label", "name", "x", "y", "score"}) of the whole image: one batched call."""
         try:
-            inputs = self.processor(query=image, **processor_kwargs)
+            with torch.inference_mode():
+                (result,) = self.detector(query=image, max_new_tokens=MAX_NEW_TOKENS, **processor_kwargs)
         except (ValueError, TypeError) as err:  # the processor's own checks name the field
             raise InputError(f"input refused: {err}") from None
-        with torch.inference_mode():
-            outputs = self.model.detect_keypoints(**inputs, max_new_tokens=MAX_NEW_TOKENS)
-        results = self.processor.post_process_keypoints(outputs, image_size=image.size)
-        answers = self.processor.tokenizer.batch_decode(outputs.sequences, skip_special_tokens=True)
-        return results, answers
+        return result["keypoints"]
 
     def _detection_outputs(self, query, results: list[dict], seconds: float):
         points = [None if r["x"] is None else (r["x"], r["y"]) for r in results]
         labels = [f"{i}. {r['name'] or '?'}" for i, r in enumerate(results, start=1)]
         rows = [
-            [i, r["name"] or "(no name)", "" if r["x"] is None else f"{r['x']:.1f}", "" if r["y"] is None else f"{r['y']:.1f}"]
+            [i, r["name"] or "(no name)", "" if r["x"] is None else f"{r['x']:.1f}", "" if r["y"] is None else f"{r['y']:.1f}",
+             f"{r['score']:.3f}"]
             for i, r in enumerate(results, start=1)
         ]
         missing = sum(p is None for p in points)
@@ -131,7 +130,7 @@ class KeypointService:
         support = load_image(support_path, "support image", self.to_rgb)
         points = parse_points(points_text, support.size, "support keypoints")
         start = time.perf_counter()
-        results, _ = self._run(query, support=support, kpts=points, task="visual")
+        results = self._run(query, support=support, kpts=points, task="visual")
         return self._detection_outputs(query, results, time.perf_counter() - start)
 
     # The support's events (upload, click, edit, clear) share one queue and read the unmarked image
@@ -173,7 +172,7 @@ class KeypointService:
         query = load_image(query_path, "query image", self.to_rgb)
         names = parse_names(names_text, "keypoint names")
         start = time.perf_counter()
-        results, _ = self._run(query, kpt_names=names, task="textual")
+        results = self._run(query, kpt_names=names, task="textual")
         return self._detection_outputs(query, results, time.perf_counter() - start)
 
     # -- semantic understanding ---------------------------------------------------------------
@@ -186,9 +185,9 @@ class KeypointService:
             raise InputError(f"point: {len(points)} points given; this task names one keypoint at a time")
         point = points[0]
         start = time.perf_counter()
-        results, answers = self._run(query, kpts=[point], task="semantic")
+        results = self._run(query, kpts=[point], task="semantic")
         name = results[0]["name"]
-        answer = name if name else f"(no name: the model answered {answers[0].strip()[:60]!r})"
+        answer = name if name else "(no name: the model's answer named no keypoint)"
         picture = draw_keypoints(query, [point], [name or "?"], min_side=RESULT_MIN_SIDE)
         return picture, answer, f"answered in {time.perf_counter() - start:.2f} s"
 

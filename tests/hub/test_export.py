@@ -42,7 +42,7 @@ EVAL_REPORT = {
 EXPECTED_FILES = {
     "README.md", "config.json", "generation_config.json", "model.safetensors", "processor_config.json",
     "tokenizer.json", "tokenizer_config.json", "configuration_kptllm.py", "modeling_kptllm.py", "processing_kptllm.py",
-    "decoding_kptllm.py",
+    "decoding_kptllm.py", "pipeline_kptllm.py",
 }
 REPO_ID = "someone/kptllm-tiny"
 
@@ -84,6 +84,9 @@ def test_export_writes_exactly_the_hub_folder(exported, model_folder):
     }
     assert json.loads((exported / "processor_config.json").read_text())["auto_map"] == {
         "AutoProcessor": "processing_kptllm.KptLlmProcessor"
+    }
+    assert json.loads((exported / "config.json").read_text())["custom_pipelines"] == {
+        "keypoint-comprehension": {"impl": "pipeline_kptllm.KptLlmKeypointPipeline", "pt": ["AutoModel"], "type": "multimodal"}
     }
     # weights, tokenizer and code are the trained folder's, byte for byte
     for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "modeling_kptllm.py"):
@@ -192,6 +195,7 @@ def test_check_export_folder_finds_broken_folders(exported, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(exported, broken)
     (broken / "processing_kptllm.py").unlink()
+    (broken / "pipeline_kptllm.py").unlink()
     (broken / "optimizer.pt").write_bytes(b"\x80\x04K\x01.")
     (broken / "model.safetensors").write_bytes(b"\x80\x04K\x01.")  # a pickle under a safetensors name
     config = json.loads((broken / "config.json").read_text())
@@ -202,6 +206,7 @@ def test_check_export_folder_finds_broken_folders(exported, tmp_path):
     assert "optimizer.pt is a pickle-based file" in problems
     assert "model.safetensors is not a readable safetensors file" in problems
     assert "defines no class NoSuchModel" in problems
+    assert "custom_pipelines.keypoint-comprehension = 'pipeline_kptllm.KptLlmKeypointPipeline', but pipeline_kptllm.py is not" in problems
 
 
 def _forbid_network(monkeypatch):

@@ -232,7 +232,8 @@ def test_card_usage_snippet_runs_against_the_exported_folder(model_folder, tmp_p
     result = run_without_repo(SNIPPET_RUNNER, [str(tmp_path / "snippet.py")], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     printed = result.stdout.splitlines()
-    # visual: one dict per support keypoint; textual: a list of two; semantic: a list of one name
-    assert sum(line.startswith("{'name': ") for line in printed) == 2, printed
-    assert printed[2].startswith("[{'name': ") and printed[2].count("'name'") == 2, printed
-    assert printed[3].startswith("[") and len(printed) == 4, printed
+    # the pipeline (visual, textual): one box of two keypoints each; then the names, pixels and scores of two
+    # instances (two images, one box each: the whole image and [0, 0, 60, 50]); semantic: one name
+    assert all(printed[line].startswith("[{'bbox': ") and printed[line].count("'label'") == 2 for line in (0, 1)), printed
+    assert sum(bool(re.match(r"^\[.*\] tensor\(", line)) for line in printed) == 2, printed
+    assert re.match(r"^\[('.*'|None)\]$", printed[-1]), printed

@@ -324,8 +324,8 @@ def _check_detections(rows, expected_count: int, image_size: tuple[int, int]):
     assert [row[0] for row in rows] == list(range(1, expected_count + 1))
     width, height = image_size
     side = max(width, height)  # the crop is the square around the whole image, centred on it
-    for _, name, x, y in rows:
-        assert name in KEYPOINT_NAMES
+    for _, name, x, y, score in rows:
+        assert name in KEYPOINT_NAMES and 0 < float(score) <= 1
         assert -(side - width) / 2 <= float(x) <= (side + width) / 2
         assert -(side - height) / 2 <= float(y) <= (side + height) / 2
 
