@@ -9,6 +9,14 @@
     python eval.py --model DIR --task visual+textual                                   # Table 7 (both prompts)
     python eval.py --demo                                                              # tiny random model, inference only
 
+PCK@0.2 is scored as the official CAPE code scores MP-100 (POMNet / CapeFormer / PoseAnything): per category,
+`--episodes` draws of `random.sample(instances, shots + queries)` after `random.seed(1)`, the `--queries` queries
+of an episode sharing its support; per support-query pair the share of keypoints visible in the query and in
+every shot that lie strictly within 0.2 x max(w, h) of the query's box (a pair with none scores 0); the mean
+over pairs, with a 95% bootstrap interval over pairs. `--dataset mp100` draws the official 200 episodes x 15
+queries per category (60,000 pairs per split); the embedded benchmark 7 x 15 (2,100 pairs per split and shots).
+Per-category and pooled-keypoint figures are written as labelled extras.
+
 Table 6 (prompt-feature extractor vs average pooling) compares two models trained with
 `train.py --prompt_feature_extractor cross_attention|avg_pool`; each result records the model's extractor.
 
@@ -21,6 +29,7 @@ and pictures of sampled episodes (support with its keypoints beside the query wi
 
 import json
 import math
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +38,11 @@ from transformers import HfArgumentParser
 
 from processing.builders import build_tiny_model
 
+logger = logging.getLogger(__name__)
+
 EMBEDDED_DATA_DIR = "data/embedded"
+OFFICIAL_EPISODES = 200  # per test category, 15 queries each: the official MP-100 test
+EMBEDDED_EPISODES = 7  # x 15 queries x 20 test categories = 2,100 pairs per split and shots (~7 min per setting on 2 cores)
 DATASET_TITLES = {
     "embedded": ("KptLLM embedded MP-100-style", "kptllm-embedded-mp100"),
     "mp100": ("MP-100", "mp100"),
@@ -52,14 +65,21 @@ class EvalArguments:
     )
     protocol: str = field(default="all", metadata={"help": "ap10k: a CLAMP protocol name, comma list, or 'all'"})
     identify_then_detect: bool = field(default=True, metadata={"help": "False: the Table 5 ablation prompt (model trained that way)"})
-    queries_per_category: int = field(default=5, metadata={"help": "fixed test episodes per category"})
+    episodes: int | None = field(
+        default=None,
+        metadata={"help": "official episodes per test category (default: mp100 200, embedded 7, i.e. 2,100 pairs "
+                          "per split with 15 queries)"},
+    )
+    queries: int = field(default=15, metadata={"help": "queries per episode, sharing its support (official: 15)"})
     matching_peer: str | None = field(
         default=None,
         metadata={"help": "a matching-peer folder scored beside KptLLM (train.py writes OUTPUT_DIR/matching_peer; used "
                           "by default when it sits beside the model folder; 'none' skips it)"},
     )
     cosine_probe: bool = field(default=True, metadata={"help": "also score the cosine match of the model's own z_p and z_q"})
-    limit: int | None = field(default=None, metadata={"help": "score only the first N episodes/instances (quick runs)"})
+    limit: int | None = field(
+        default=None, metadata={"help": "score only the first N episodes (each with its queries) / instances (quick runs)"}
+    )
     crop_padding: float = field(default=1.25, metadata={"help": "crop side = padding x max(bbox w, h), as in training"})
     num_pictures: int = field(default=6, metadata={"help": "episodes drawn per setting (0: none)"})
     demo: bool = field(default=False, metadata={"help": "run the tiny random-model inference demo"})
@@ -142,6 +162,11 @@ def check_arguments(args: EvalArguments) -> None:
         raise SystemExit("--held_out_supercategory uses all categories of one split's files: pass a single --splits")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be at least 1, got {args.limit}")
+    if args.episodes is None:
+        args.episodes = OFFICIAL_EPISODES if args.dataset == "mp100" else EMBEDDED_EPISODES
+    for flag, value in (("--episodes", args.episodes), ("--queries", args.queries)):
+        if value < 1:
+            raise SystemExit(f"{flag} must be at least 1, got {value}")
 
 
 def load_model(model_dir: str | Path):
@@ -173,7 +198,11 @@ def load_matching_peer(flag: str | None, model_dir: str, split: int):
 
 
 def _without_per_category(scores: dict) -> dict:
-    return {key: value for key, value in scores.items() if key != "pck_per_category"}
+    return {key: value for key, value in scores.items() if key not in ("pck_per_category", "pck_per_pair")}
+
+
+def _percent_interval(interval: list[float]) -> str:
+    return f"[{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
 
 
 def _summary_entry(args: EvalArguments, task: str, config: str, split: str, metric: tuple[str, str, float],
@@ -193,35 +222,33 @@ def _summary_entry(args: EvalArguments, task: str, config: str, split: str, metr
 def evaluate_mp100_setting(
     args: EvalArguments, split: int, shots: int, model, processor, out_dir: Path, matching_peer=None
 ) -> dict:
-    """PCK@0.2 of one (split, shots) setting on fixed episodes, with per-category scores and pictures."""
+    """Official PCK@0.2 of one (split, shots) setting, with per-category extras and pictures."""
     from processing.coco import load_cross_supercategory, load_mp100
-    from processing.episodes import fixed_test_episodes
-    from processing.evaluation import evaluate_visual_prompt, fixed_episode_file
+    from processing.episodes import coco_file_order, sample_cape_episodes
+    from processing.evaluation import evaluate_visual_prompt
     from processing.visualize import save_episode_sheet
 
-    complete = True  # no test image was missing: the episodes may be cached for later runs
-    if args.held_out_supercategory:
+    if args.held_out_supercategory:  # three files merged: categories and images go by id
         train, test = load_cross_supercategory(args.data_dir, args.held_out_supercategory, split)
-        episode_file = Path(args.output_dir) / f"episodes_{args.held_out_supercategory}_{shots}shot_{args.queries_per_category}q.json"
+        category_order = image_order = None
     else:
         train = load_mp100(args.data_dir, split, "train")
         test, report = load_mp100(args.data_dir, split, "test", return_report=True)
-        complete = not report.missing_images
-        episode_file = fixed_episode_file(args.data_dir, split, shots, args.queries_per_category, test)
+        if report.num_skipped:
+            logger.warning("the reader skipped %d test instances (%s): the episodes are not the official draw",
+                           report.num_skipped, report.summary())
+        category_order, image_order = coco_file_order(report.annotation_file)
     try:
-        episodes = fixed_test_episodes(
-            test, episode_file, num_shots=shots, seed=0, num_queries_per_category=args.queries_per_category,
-            complete=complete,
-        )[: args.limit]
-    except ValueError as error:  # no usable episode, or a file drawn from other data: say so, no traceback
+        episodes = sample_cape_episodes(test, shots, args.queries, args.episodes, category_order, image_order)[: args.limit]
+    except ValueError as error:  # every category too small: say so, no traceback
         raise SystemExit(f"error: {error}") from None
-    results, predictions = evaluate_visual_prompt(
+    results, pairs, predictions = evaluate_visual_prompt(
         model, processor, test, episodes, train, identify_then_detect=args.identify_then_detect, task=args.task,
         matching_peer=matching_peer, cosine_probe=args.cosine_probe,
     )
     if args.num_pictures > 0:
-        shown = slice(None, None, max(1, len(episodes) // args.num_pictures))
-        save_episode_sheet(test, episodes[shown][: args.num_pictures], predictions[shown][: args.num_pictures],
+        shown = slice(None, None, max(1, len(pairs) // args.num_pictures))
+        save_episode_sheet(test, pairs[shown][: args.num_pictures], predictions[shown][: args.num_pictures],
                            out_dir / f"predictions_split{split}_{shots}shot.png")
     names = dict(zip(test["category_id"], test["category_name"]))
     per_category = {
@@ -229,18 +256,22 @@ def evaluate_mp100_setting(
     }
     return {
         "episodes": len(episodes),
+        "queries_per_episode": args.queries,
+        "pairs": len(pairs),
         "results": {method: _without_per_category(scores) for method, scores in results.items()},
+        "per_pair": {method: scores["pck_per_pair"] for method, scores in results.items()},
         "pck_per_category": per_category,
     }
 
 
 def run_mp100(args: EvalArguments) -> dict:
-    """Tables 2, 3, 5, 7: PCK@0.2 per split and shots, averaged over splits, baselines beside."""
-    from processing.evaluation import markdown_table
+    """Tables 2, 3, 5, 7: official PCK@0.2 per split and shots, averaged over splits, baselines beside."""
+    from processing.evaluation import bootstrap_interval_of_mean_over_splits, markdown_table
 
     out_dir = Path(args.output_dir)
     splits, shot_list = _int_list(args.splits, "--splits"), _int_list(args.shots, "--shots")
     details: dict = {"settings": {}}
+    per_pair: dict[str, dict[str, list[float]]] = {}
     summary: list[dict] = []
     lines: list[str] = []
     config_of_model = None
@@ -253,22 +284,32 @@ def run_mp100(args: EvalArguments) -> dict:
         for shots in shot_list:
             setting = evaluate_mp100_setting(args, split, shots, model, processor, out_dir, matching_peer)
             key = f"split{split}_{shots}shot"
+            per_pair[key] = setting.pop("per_pair")  # the pairs' accuracies bootstrap the mean over splits, unsaved
             details["settings"][key] = setting
             title = f"PCK@0.2, split {split} test, {shots}-shot" + (
                 f", held-out super-category {args.held_out_supercategory}" if args.held_out_supercategory else "")
-            lines += [f"### {title}", "", markdown_table(setting["results"], title=title), ""]
-            lines += ["| category | KptLLM PCK@0.2 |", "|---|---|"] + [
+            lines += [f"### {title}", "", f"{setting['episodes']} episodes x {args.queries} queries = "
+                      f"{setting['pairs']} support-query pairs", "", markdown_table(setting["results"], title=title), ""]
+            lines += ["| category | KptLLM PCK@0.2 (extra: mean over the category's pairs) |", "|---|---|"] + [
                 f"| {name} | {100 * score:.2f} |" for name, score in sorted(setting["pck_per_category"].items())
             ] + [""]
     for shots in shot_list:  # the paper's headline: the mean over the evaluated splits
-        per_split = [details["settings"][f"split{split}_{shots}shot"]["results"] for split in splits]
+        keys = [f"split{split}_{shots}shot" for split in splits]
+        per_split = [details["settings"][key]["results"] for key in keys]
         methods = per_split[0].keys()
         mean = {method: 100 * sum(r[method]["pck"] for r in per_split) / len(per_split) for method in methods}
+        interval = {
+            method: bootstrap_interval_of_mean_over_splits([per_pair[key][method] for key in keys]) for method in methods
+        }
         details.setdefault("mean_over_splits", {})[f"{shots}shot"] = mean
+        details.setdefault("mean_over_splits_ci95", {})[f"{shots}shot"] = interval
         split_label = ",".join(map(str, splits))
-        lines += [f"### PCK@0.2 mean over splits {split_label}, {shots}-shot", "", "| method | PCK@0.2 |", "|---|---|"]
-        lines += [f"| {method} | {value:.2f} |" for method, value in mean.items()] + [""]
+        lines += [f"### PCK@0.2 mean over splits {split_label}, {shots}-shot", "",
+                  "| method | PCK@0.2 | 95% CI (bootstrap over pairs, per split) |", "|---|---|---|"]
+        lines += [f"| {method} | {value:.2f} | {_percent_interval(interval[method])} |" for method, value in mean.items()]
+        lines += [""]
         keypoints = sum(r["KptLLM"]["num_keypoints"] for r in per_split)
+        pairs = sum(r["KptLLM"]["num_pairs"] for r in per_split)
         task_title = "Visual+textual-prompt keypoint detection" if args.task == "visual+textual" else "Visual-prompt keypoint detection"
         held_out = f"held-out super-category {args.held_out_supercategory}; " if args.held_out_supercategory else ""
         summary.append(_summary_entry(
@@ -276,7 +317,8 @@ def run_mp100(args: EvalArguments) -> dict:
             f"split{split_label}-test" if len(splits) == 1 else f"mean of splits {split_label}",
             ("PCK@0.2", "pck", round(mean["KptLLM"], 2)),
             {method: round(value, 2) for method, value in mean.items() if method != "KptLLM"},
-            f"{held_out}{keypoints} keypoints; identify-then-detect {'on' if args.identify_then_detect else 'off'}; "
+            f"{held_out}official CAPE protocol: {pairs} support-query pairs ({args.queries} queries per episode), "
+            f"{keypoints} valid keypoints, 95% CI {_percent_interval(interval['KptLLM'])}; identify-then-detect {'on' if args.identify_then_detect else 'off'}; "
             f"extractor {config_of_model['prompt_feature_extractor']}",
         ))
     return {"summary": summary, "details": details, "markdown": "\n".join(lines)}

@@ -5,9 +5,11 @@
 
 Each seed is one full `train.py` run (stage 0, matching peer, KptLLM training, evaluation 1/5-shot)
 in its own process, one after the other (two training processes on 2 cores slow each other many-fold).
-A seed whose `results.json` exists is read back, not rerun. Writes
-`benchmarks/results/embedded_default_seeds.{json,md}`: per seed the PCK of every method on the same
-episodes, the wall time, and the step at which the keypoint L1 left the mean predictor's level (the
+A seed whose `results.json` exists is read back, not rerun (one scored before the official CAPE protocol,
+without `pairs` in it, is refused: pass another `--runs_dir`). Writes
+`benchmarks/results/embedded_default_seeds.{json,md}`: per seed the official PCK (mean over the same
+support-query pairs, `train.py --eval_episodes/--eval_queries`) of every method with KptLLM's 95% bootstrap
+interval, the wall time, and the step at which the keypoint L1 left the mean predictor's level (the
 first logged step whose L1 is below 80% of the mean of the first two logged values, steps 1-50,
 which sit at the mean predictor's level in every run); then the mean, min, max and spread (max - min) per method.
 """
@@ -52,13 +54,21 @@ def run_seed(seed: int, out_dir: Path, extra: list[str]) -> dict:
         report["wall_time_s"] = wall
         report_path.write_text(json.dumps(report, indent=2))
     report = json.loads(report_path.read_text())
+    if "pairs" not in report:
+        raise SystemExit(f"{report_path} was scored before the official CAPE protocol (no 'pairs'): pass another --runs_dir")
     scores = {
         shots: {method: round(100 * values["pck"], 2) for method, values in by_method.items()}
         for shots, by_method in report["results_by_shots"].items()
     }
+    intervals = {
+        shots: [round(100 * bound, 2) for bound in by_method["KptLLM"]["pck_ci95"]]
+        for shots, by_method in report["results_by_shots"].items()
+    }
     return {
         "seed": seed,
+        "pairs": report["pairs"],
         "pck": scores,
+        "kptllm_ci95": intervals,
         "break_away_step": break_away_step(out_dir / "train_log.jsonl"),
         "wall_time_s": round(report.get("wall_time_s", float("nan")), 1),
         "global_step": report["global_step"],
@@ -81,14 +91,16 @@ def markdown(runs: list[dict], summary: dict) -> str:
     lines = []
     for shots, methods in summary.items():
         names = list(methods)
-        lines += [f"### PCK@0.2, split 1 test, {shots.replace('shot', '-shot')}", "",
-                  "| seed | " + " | ".join(names) + " | L1 break-away step | wall time |",
-                  "|---|" + "---|" * (len(names) + 2)]
+        lines += [f"### PCK@0.2 (official CAPE scoring: mean over {runs[0]['pairs']} support-query pairs), split 1 test, "
+                  f"{shots.replace('shot', '-shot')}", "",
+                  "| seed | " + " | ".join(names) + " | KptLLM 95% CI | L1 break-away step | wall time |",
+                  "|---|" + "---|" * (len(names) + 3)]
         for run in runs:
+            low, high = run["kptllm_ci95"][shots]
             lines.append(f"| {run['seed']} | " + " | ".join(f"{run['pck'][shots][n]:.2f}" for n in names)
-                         + f" | {run['break_away_step']} | {run['wall_time_s'] / 60:.1f} min |")
+                         + f" | [{low:.2f}, {high:.2f}] | {run['break_away_step']} | {run['wall_time_s'] / 60:.1f} min |")
         for stat in ("mean", "min", "max", "spread"):
-            lines.append(f"| {stat} | " + " | ".join(f"{methods[n][stat]:.2f}" for n in names) + " | | |")
+            lines.append(f"| {stat} | " + " | ".join(f"{methods[n][stat]:.2f}" for n in names) + " | | | |")
         lines.append("")
     return "\n".join(lines)
 

@@ -383,7 +383,7 @@ def rehearse(args: RehearsalArguments) -> dict:
     train_flags = [
         "--preset", "paper", "--model_name_or_path", str(converted), "--dataset", "embedded", "--data_dir", str(data_dir),
         "--output_dir", str(run_dir), "--max_steps", str(args.steps), "--save_steps", str(args.steps), "--logging_steps", "1",
-        "--per_device_train_batch_size", str(args.batch), "--eval_queries_per_category", "0", "--bf16", str(bf16).lower(),
+        "--per_device_train_batch_size", str(args.batch), "--eval_episodes", "0", "--bf16", str(bf16).lower(),
     ]  # fmt: skip
     if args.deepspeed:
         port = str(29500 + os.getpid() % 1000)

@@ -1,9 +1,10 @@
 """Baseline table of the embedded benchmark: support-copy and mean-position PCK@0.2 on every split.
 
-    python -m processing.baselines --data data/embedded [--shots 1 5] [--output baselines.md]
+    python -m processing.baselines --data data/embedded [--shots 1 5] [--episodes 7 --queries 15] [--output baselines.md]
 
-Each split's fixed test episodes (the same file `train.py` and `eval.py` use) are scored, so the
-numbers printed here are the ones a trained model is compared with.
+Each split's official CAPE test episodes (drawn as `eval.py` draws them, scored with the official PCK:
+mean over support-query pairs) are scored, so the numbers printed here are the ones `eval.py` compares
+a trained model with.
 """
 
 import argparse
@@ -13,14 +14,14 @@ import numpy as np
 
 from .coco import load_mp100
 from .embedded import ensure_embedded_benchmark
-from .episodes import fixed_test_episodes
-from .evaluation import evaluate_baselines, fixed_episode_file
+from .episodes import coco_file_order, sample_cape_episodes
+from .evaluation import evaluate_baselines
 
 METHODS = ("support-copy", "mean-position")
 
 
 def baseline_table(
-    data_dir: str | Path, shots: tuple[int, ...] = (1, 5), crop_padding: float = 1.25, queries_per_category: int = 5
+    data_dir: str | Path, shots: tuple[int, ...] = (1, 5), crop_padding: float = 1.25, episodes: int = 7, queries: int = 15
 ) -> tuple[dict, str]:
     """{shots: {method: [PCK per split]}} and the Markdown table (splits as columns, plus the mean)."""
     data_dir = Path(data_dir)
@@ -28,12 +29,10 @@ def baseline_table(
     for split in range(1, 6):
         train = load_mp100(data_dir, split, "train")
         test, report = load_mp100(data_dir, split, "test", return_report=True)
+        orders = coco_file_order(report.annotation_file)
         for num_shots in shots:
-            episodes = fixed_test_episodes(
-                test, fixed_episode_file(data_dir, split, num_shots, queries_per_category, test), num_shots=num_shots,
-                seed=0, num_queries_per_category=queries_per_category, complete=not report.missing_images,
-            )
-            results = evaluate_baselines(test, episodes, train, crop_padding)
+            drawn = sample_cape_episodes(test, num_shots, queries, episodes, *orders)
+            results = evaluate_baselines(test, [pair for episode in drawn for pair in episode.pairs()], train, crop_padding)
             for method in METHODS:
                 scores[num_shots][method].append(100 * results[method]["pck"])
     lines = ["| method | shots | split 1 | split 2 | split 3 | split 4 | split 5 | mean |", "|---|---|---|---|---|---|---|---|"]
@@ -49,11 +48,12 @@ def main() -> None:
     parser.add_argument("--data", default="data/embedded")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--crop-padding", type=float, default=1.25)
-    parser.add_argument("--queries-per-category", type=int, default=5)
+    parser.add_argument("--episodes", type=int, default=7, help="official episodes per test category")
+    parser.add_argument("--queries", type=int, default=15, help="queries per episode, sharing its support")
     parser.add_argument("--output", help="also write the Markdown table here")
     args = parser.parse_args()
     ensure_embedded_benchmark(args.data)
-    _, table = baseline_table(args.data, tuple(args.shots), args.crop_padding, args.queries_per_category)
+    _, table = baseline_table(args.data, tuple(args.shots), args.crop_padding, args.episodes, args.queries)
     print(table)
     if args.output:
         Path(args.output).write_text(table + "\n")

@@ -1,5 +1,10 @@
 """Few-shot episodes for evaluation and (instance, keypoint) samples for training.
 
+The test episodes every tool scores are :func:`sample_cape_episodes`: the official CAPE draw (POMNet /
+CapeFormer / PoseAnything), reproduced exactly from the annotation file's order, so they need no cache.
+The generator-per-category episodes below (:func:`sample_episodes`, cached by :func:`fixed_test_episodes`)
+are the earlier protocol's.
+
 Both work on the instance datasets of :mod:`processing.coco` (one row per instance, with
 ``annotation_id``, ``category_id`` and ``visible`` columns).
 
@@ -207,6 +212,110 @@ def sample_episodes(
     logger.info(
         "Sampled %d %d-shot episodes over %d categories (seed %d)",
         len(episodes), num_shots, len({e.category_id for e in episodes}), seed,
+    )  # fmt: skip
+    return episodes
+
+
+@dataclass(frozen=True)
+class CapeEpisode:
+    """One episode of the official CAPE test protocol: support shots and the queries that share them.
+
+    `pairs()` gives its support-query pairs, the unit the official PCK averages over.
+    """
+
+    category_id: int
+    support_rows: tuple[int, ...]
+    query_rows: tuple[int, ...]
+    support_annotation_ids: tuple[int, ...]
+    query_annotation_ids: tuple[int, ...]
+
+    @property
+    def num_shots(self) -> int:
+        return len(self.support_rows)
+
+    def pairs(self) -> list[Episode]:
+        return [
+            Episode(self.category_id, self.support_rows, row, self.support_annotation_ids, annotation_id)
+            for row, annotation_id in zip(self.query_rows, self.query_annotation_ids, strict=True)
+        ]
+
+
+OFFICIAL_EPISODE_SEED = 1
+"""`random.seed(1)` before the test episodes are drawn (the official code also calls `np.random.seed(0)`,
+which draws nothing at test time)."""
+
+
+def coco_file_order(annotation_file: str | os.PathLike[str]) -> tuple[list[int], list[int]]:
+    """(category ids, image ids) in the order the COCO file lists them: what pycocotools' `getCatIds()` and
+    `getImgIds()` return, and so the order in which the official code visits categories and instances."""
+    data = read_json(os.fspath(annotation_file))
+    return [category["id"] for category in data["categories"]], [image["id"] for image in data["images"]]
+
+
+def sample_cape_episodes(
+    dataset: Dataset,
+    num_shots: int,
+    num_queries: int,
+    num_episodes: int,
+    category_order: Sequence[int] | None = None,
+    image_order: Sequence[int] | None = None,
+) -> list[CapeEpisode]:
+    """The official CAPE test episodes (POMNet / CapeFormer / PoseAnything `make_paired_samples`).
+
+    With Python's generator seeded as the official code seeds it, for each category (in `category_order`,
+    the annotation file's) and each of `num_episodes` draws, `random.sample(instances, num_shots +
+    num_queries)`: the first `num_shots` are the support, the rest the queries that share it. A category's
+    instances are listed as the official reader lists them: by image in `image_order` (the file's), then in
+    annotation order within an image, which is the order of this dataset's rows (`processing.coco` reads
+    annotations in file order). `random.sample` depends only on that list's length and the generator, so
+    the draw equals the official one whenever the reader kept the same instances (its `LoadReport` says
+    what it skipped). Without the file's orders, categories and images go by id.
+
+    A category with fewer than `num_shots + num_queries` instances (the official code fails on it) is
+    left out with a warning.
+    """
+    for value, name in ((num_shots, "num_shots"), (num_queries, "num_queries"), (num_episodes, "num_episodes")):
+        _check_positive_int(value, name)
+    if "image_id" not in dataset.column_names:
+        raise ValueError("The dataset lacks the column 'image_id'")
+    index = _CategoryIndex(dataset)
+    image_ids: list[int] = dataset["image_id"][:]
+    image_position = {image_id: position for position, image_id in enumerate(image_order or sorted(set(image_ids)))}
+    unlisted = set(image_ids) - set(image_position)
+    if unlisted:
+        raise ValueError(f"image ids {sorted(unlisted)[:5]} of the dataset are not in image_order")
+    present = set(index.rows_by_category)
+    categories = [c for c in category_order if c in present] if category_order is not None else sorted(present)
+    rng = random.Random(OFFICIAL_EPISODE_SEED)
+    episodes: list[CapeEpisode] = []
+    for category_id in categories:
+        rows = sorted(index.rows_by_category[category_id], key=lambda row: (image_position[image_ids[row]], row))
+        if len(rows) < num_shots + num_queries:
+            logger.warning(
+                "%s has %d instance(s); an episode draws %d (%d shots + %d queries), so the category is left out",
+                index.describe(category_id), len(rows), num_shots + num_queries, num_shots, num_queries,
+            )  # fmt: skip
+            continue
+        for _ in range(num_episodes):
+            drawn = rng.sample(rows, num_shots + num_queries)
+            support, queries = tuple(drawn[:num_shots]), tuple(drawn[num_shots:])
+            episodes.append(
+                CapeEpisode(
+                    category_id=category_id,
+                    support_rows=support,
+                    query_rows=queries,
+                    support_annotation_ids=tuple(index.annotation_ids[r] for r in support),
+                    query_annotation_ids=tuple(index.annotation_ids[r] for r in queries),
+                )
+            )
+    if not episodes:
+        raise ValueError(
+            f"no episode of {num_shots} shots + {num_queries} queries can be drawn from {len(dataset)} instances: "
+            "every category is too small (were image files missing?)"
+        )
+    logger.info(
+        "Drew %d official episodes (%d shots, %d queries each) over %d categories",
+        len(episodes), num_shots, num_queries, len({e.category_id for e in episodes}),
     )  # fmt: skip
     return episodes
 

@@ -1,4 +1,9 @@
-"""Visual-prompt evaluation on episodes: the model, matchers and two baselines, scored with PCK@0.2.
+"""Visual-prompt evaluation on the official CAPE episodes: the model, matchers and two baselines, scored with PCK@0.2.
+
+Scoring is the official MP-100 protocol (DESIGN.md §4, `metrics/pck`): per support-query pair, the share
+of valid keypoints (visible in the query and in every support shot) within 0.2 x max(w, h) of the query's
+box (strictly), a pair without a valid keypoint scoring 0; PCK is the mean over pairs, with a 95%
+bootstrap interval over pairs. Per-category and pooled-keypoint figures are returned as labelled extras.
 
 Baselines (measured on the same episodes, so they sit next to the model's number):
 - support-copy: a query keypoint is put where the support's keypoint is, in normalized crop coordinates;
@@ -22,7 +27,7 @@ from modeling_kptllm import KptLlmForKeypointComprehension, KptLlmProcessor
 from modeling_kptllm.processing_kptllm import denormalize_points, normalize_points, square_crop_box
 
 from .coco import load_image
-from .episodes import Episode, instances_fingerprint
+from .episodes import CapeEpisode, Episode, instances_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -48,32 +53,52 @@ def _crop_box(row: dict, crop_padding: float):
 
 
 def _scored(instances: Dataset, episode: Episode) -> tuple[dict, np.ndarray]:
-    """The query row and the keypoints that count: visible in the query and in some support shot."""
+    """The query row and the keypoints that count (the official mask): visible in the query AND in every support shot."""
     query = instances[episode.query_row]
-    in_support = np.zeros(len(query["visible"]), dtype=bool)
+    valid = np.asarray(query["visible"], dtype=bool)
     for row in episode.support_rows:
-        in_support |= np.asarray(instances[row]["visible"], dtype=bool)
-    return query, np.asarray(query["visible"], dtype=bool) & in_support
+        valid &= np.asarray(instances[row]["visible"], dtype=bool)
+    return query, valid
 
 
-def episode_inputs(
-    processor: KptLlmProcessor, instances: Dataset, episode: Episode, task: str = "visual", identify_then_detect: bool = True
+def official_normalizer(row: dict) -> float:
+    """max(w, h) of the box the official reader keeps (`clean_bbox`): clipped to the image and measured
+    between its first and last pixel, so a box inside its image counts w - 1 and h - 1."""
+    x, y, w, h = row["bbox"]
+    x1, y1 = max(0.0, x), max(0.0, y)
+    x2 = min(row["width"] - 1.0, x1 + max(0.0, w - 1.0))
+    y2 = min(row["height"] - 1.0, y1 + max(0.0, h - 1.0))
+    return max(x2 - x1, y2 - y1)
+
+
+MAX_ROWS_PER_CALL = 256
+"""Keypoint rows decoded in one `detect_keypoints` call: an episode's queries go in as few calls as keep under it
+(15 queries x 68 face landmarks would otherwise decode 1,020 rows at once)."""
+
+
+def _shared_support_inputs(
+    processor: KptLlmProcessor,
+    instances: Dataset,
+    support_rows: Sequence[int],
+    query_rows: Sequence[int],
+    task: str,
+    identify_then_detect: bool,
 ):
-    """(processor inputs, prompted keypoint indices, query row) of one episode: every keypoint that some
-    support shot shows is prompted, all in one processor call.
+    """(processor inputs, prompted keypoint indices) for query instances that share one support: every keypoint
+    that some support shot shows is prompted, for every query, in one processor call.
 
-    `task="visual+textual"` also gives each keypoint's name (Table 7): the support and the query are of
+    `task="visual+textual"` also gives each keypoint's name (Table 7): the support and the queries are of
     one category, so they share the names.
     """
     if task not in ("visual", "visual+textual"):
         raise ValueError(f"task must be 'visual' or 'visual+textual' for episodes, got {task!r}")
-    query = instances[episode.query_row]
-    supports = [instances[row] for row in episode.support_rows]
+    queries = [instances[row] for row in query_rows]
+    supports = [instances[row] for row in support_rows]
     support_visible = np.array([s["visible"] for s in supports], dtype=bool)
     prompted = np.flatnonzero(support_visible.any(0))  # keypoints some shot can show
     inputs = processor(
-        query=load_image(query["image_path"]),
-        query_bbox=query["bbox"],
+        query=[load_image(query["image_path"]) for query in queries],
+        query_bbox=[query["bbox"] for query in queries],
         support=[load_image(s["image_path"]) for s in supports],
         kpts=[np.asarray(s["keypoints"])[prompted] for s in supports],
         support_bbox=[s["bbox"] for s in supports],
@@ -82,29 +107,51 @@ def episode_inputs(
         kpt_names=[supports[0]["keypoint_names"][i] for i in prompted] if task == "visual+textual" else None,
         identify_then_detect=identify_then_detect,
     )
-    return inputs, prompted, query
+    return inputs, prompted
+
+
+def episode_inputs(
+    processor: KptLlmProcessor, instances: Dataset, episode: Episode, task: str = "visual", identify_then_detect: bool = True
+):
+    """(processor inputs, prompted keypoint indices, query row) of one support-query pair."""
+    inputs, prompted = _shared_support_inputs(
+        processor, instances, episode.support_rows, [episode.query_row], task, identify_then_detect
+    )
+    return inputs, prompted, instances[episode.query_row]
 
 
 @torch.no_grad()
-def predict_episode(
+def predict_cape_episode(
     model: KptLlmForKeypointComprehension,
     processor: KptLlmProcessor,
     instances: Dataset,
-    episode: Episode,
+    episode: CapeEpisode,
     identify_then_detect: bool = True,
     task: str = "visual",
-) -> tuple[np.ndarray, list[str | None]]:
-    """All keypoints of one query instance in one batched `detect_keypoints` call -> pixels, names."""
-    inputs, prompted, query = episode_inputs(processor, instances, episode, task, identify_then_detect)
-    inputs = inputs.to(model.device)
-    outputs = model.detect_keypoints(**inputs)
-    (result,), = processor.post_process_keypoint_detection(outputs)  # one image, one box
-    points = np.full((len(query["visible"]), 2), np.nan)
-    points[prompted] = result["keypoints"].double().numpy()  # NaN where the model emitted no <keypoint>
-    names: list[str | None] = [None] * len(query["visible"])
-    for index, name in zip(prompted, result["names"]):
-        names[index] = name
-    return points, names
+) -> list[tuple[np.ndarray, list[str | None]]]:
+    """(pixels, names) for every query of one episode, in `episode.pairs()` order.
+
+    The queries share the support, so they go into one processor call and one batched `detect_keypoints`
+    call (each query crop keeps its own shared prefix), split only to stay under `MAX_ROWS_PER_CALL`.
+    """
+    num_prompted = int(np.any([instances[row]["visible"] for row in episode.support_rows], axis=0).sum())
+    per_call = max(1, MAX_ROWS_PER_CALL // max(1, num_prompted))
+    predictions = []
+    for start in range(0, len(episode.query_rows), per_call):
+        query_rows = episode.query_rows[start : start + per_call]
+        inputs, prompted = _shared_support_inputs(
+            processor, instances, episode.support_rows, query_rows, task, identify_then_detect
+        )
+        outputs = model.detect_keypoints(**inputs.to(model.device))
+        for row, (result,) in zip(query_rows, processor.post_process_keypoint_detection(outputs), strict=True):
+            num_keypoints = len(instances[row]["visible"])
+            points = np.full((num_keypoints, 2), np.nan)
+            points[prompted] = result["keypoints"].double().numpy()  # NaN where the model emitted no <keypoint>
+            names: list[str | None] = [None] * num_keypoints
+            for index, name in zip(prompted, result["names"]):
+                names[index] = name
+            predictions.append((points, names))
+    return predictions
 
 
 def support_copy_prediction(instances: Dataset, episode: Episode, crop_padding: float) -> np.ndarray:
@@ -141,21 +188,23 @@ def mean_position_prediction(instances: Dataset, episode: Episode, means: dict, 
 def score_pck(
     instances: Dataset, episodes: Sequence[Episode], predictions: Sequence[np.ndarray], threshold: float = 0.2
 ) -> dict:
-    """PCK@threshold (per category, then averaged) with the local `evaluate` metric.
+    """Official PCK@threshold over the support-query pairs `episodes` (mean of per-pair accuracies, with
+    its 95% bootstrap interval and the labelled extras) with the local `evaluate` metric.
 
     A keypoint the model did not localize (NaN) counts as wrong, not as absent; how many did is logged.
     """
-    preds, refs, norms, visible, categories = [], [], [], [], []
+    preds, refs, norms, visible, categories, pair_ids = [], [], [], [], [], []
     not_localized = 0
-    for episode, predicted in zip(episodes, predictions):
+    for pair_id, (episode, predicted) in enumerate(zip(episodes, predictions, strict=True)):
         query, scored = _scored(instances, episode)
         not_localized += int((np.isnan(predicted).any(-1) & scored).sum())
         predicted = np.where(np.isnan(predicted), 1e9, predicted)  # never within the threshold
         preds += predicted.tolist()
         refs += query["keypoints"]
-        norms += [max(query["bbox"][2], query["bbox"][3])] * len(scored)
+        norms += [official_normalizer(query)] * len(scored)
         visible += scored.astype(int).tolist()
         categories += [query["category_id"]] * len(scored)
+        pair_ids += [pair_id] * len(scored)
     if not_localized:
         logger.warning(
             "%d of %d scored keypoints have no predicted position (NaN: no <keypoint> written, or a matcher's NaN); "
@@ -163,7 +212,7 @@ def score_pck(
         )  # fmt: skip
     return _pck_metric().compute(
         predictions=preds, references=refs, normalizers=norms, visible=visible, category_ids=categories,
-        threshold=threshold,
+        pair_ids=pair_ids, threshold=threshold,
     )
 
 
@@ -187,15 +236,16 @@ def evaluate_visual_prompt(
     model: KptLlmForKeypointComprehension,
     processor: KptLlmProcessor,
     instances: Dataset,
-    episodes: Sequence[Episode],
+    episodes: Sequence[CapeEpisode],
     train_instances: Dataset,
     threshold: float = 0.2,
     identify_then_detect: bool = True,
     task: str = "visual",
     matching_peer=None,
     cosine_probe: bool = False,
-) -> tuple[dict[str, dict], list[Prediction]]:
-    """PCK of the model and of both baselines on the same episodes, and the model's predictions.
+) -> tuple[dict[str, dict], list[Episode], list[Prediction]]:
+    """Official PCK of the model and of both baselines on the same support-query pairs, the pairs and the
+    model's predictions (one per pair, in the order of `[pair for e in episodes for pair in e.pairs()]`).
 
     With `matching_peer` (a `matching_peer.MatchingPeer`) its PCK is added; with `cosine_probe`, that
     of the plain cosine matcher on the model's own z_p and z_q (what its inputs already hold).
@@ -205,25 +255,53 @@ def evaluate_visual_prompt(
     from .matching_peer import match_episodes  # the matchers import the stage-0 data pipeline
 
     model.eval()
+    pairs = [pair for episode in episodes for pair in episode.pairs()]
     predictions = [
-        predict_episode(model, processor, instances, e, identify_then_detect, task)
-        for e in tqdm(episodes, desc="KptLLM episodes")
+        prediction
+        for episode in tqdm(episodes, desc="KptLLM episodes")
+        for prediction in predict_cape_episode(model, processor, instances, episode, identify_then_detect, task)
     ]
-    results = {"KptLLM": score_pck(instances, episodes, [points for points, _ in predictions], threshold)}
+    results = {"KptLLM": score_pck(instances, pairs, [points for points, _ in predictions], threshold)}
     if matching_peer is not None:
         results["matching peer"] = score_pck(
-            instances, episodes, match_episodes(matching_peer, processor, instances, episodes, "matching peer"), threshold
+            instances, pairs, match_episodes(matching_peer, processor, instances, pairs, "matching peer"), threshold
         )
     if cosine_probe:
         results["cosine probe (KptLLM's z_p, z_q)"] = score_pck(
-            instances, episodes, match_episodes(model, processor, instances, episodes, "cosine probe"), threshold
+            instances, pairs, match_episodes(model, processor, instances, pairs, "cosine probe"), threshold
         )
-    results.update(evaluate_baselines(instances, episodes, train_instances, processor.crop_padding, threshold))
-    return results, predictions
+    results.update(evaluate_baselines(instances, pairs, train_instances, processor.crop_padding, threshold))
+    return results, pairs, predictions
+
+
+def bootstrap_interval_of_mean_over_splits(
+    per_pair_by_split: Sequence[Sequence[float]], samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> list[float]:
+    """95% bootstrap interval of the mean over splits of each split's mean pair accuracy: every resample
+    draws each split's pairs with replacement (within the split, as the metric does for one split)."""
+    rng = np.random.default_rng(seed)
+    means = np.zeros(samples)
+    for per_pair in per_pair_by_split:
+        values = np.asarray(per_pair, dtype=float)
+        for b in range(samples):  # one row at a time: 60,000 pairs x 1,000 resamples would not fit at once
+            means[b] += values[rng.integers(0, len(values), len(values))].mean()
+    means /= len(per_pair_by_split)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return [float(low), float(high)]
 
 
 def markdown_table(results: dict[str, dict], title: str = "PCK@0.2") -> str:
-    lines = [f"| method | {title} | keypoints | categories |", "|---|---|---|---|"]
+    """The official PCK with its 95% bootstrap interval per method; the old averaging as a labelled extra."""
+    lines = [
+        f"| method | {title} (mean over pairs) | 95% CI (bootstrap over pairs) | pairs | valid keypoints "
+        "| per-category pooled (extra) |",
+        "|---|---|---|---|---|---|",
+    ]
     for method, scores in results.items():
-        lines.append(f"| {method} | {100 * scores['pck']:.2f} | {scores['num_keypoints']} | {scores['num_categories']} |")
+        low, high = scores["pck_ci95"]
+        lines.append(
+            f"| {method} | {100 * scores['pck']:.2f} | [{100 * low:.2f}, {100 * high:.2f}] | {scores['num_pairs']} "
+            f"| {scores['num_keypoints']} | {100 * scores['pck_per_category_pooled']:.2f} |"
+        )
     return "\n".join(lines)

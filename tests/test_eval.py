@@ -28,7 +28,7 @@ def saved_model(tmp_path_factory, small_benchmark):
 
 
 def _args(saved_model, small_benchmark, tmp_path, **overrides) -> EvalArguments:
-    defaults = dict(model=str(saved_model), data_dir=str(small_benchmark), queries_per_category=1, limit=3,
+    defaults = dict(model=str(saved_model), data_dir=str(small_benchmark), episodes=1, queries=1, limit=3,
                     output_dir=str(tmp_path / "eval"), num_pictures=2)
     return EvalArguments(**{**defaults, **overrides})
 

@@ -32,7 +32,7 @@ LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 SMALL = [
     "--per_device_train_batch_size", "2", "--logging_steps", "1", "--warmup_steps", "0",
     "--image_size", "32", "--patch_size", "8", "--vision_hidden_size", "32", "--vision_layers", "2",
-    "--text_hidden_size", "32", "--text_layers", "2", "--eval_queries_per_category", "0",
+    "--text_hidden_size", "32", "--text_layers", "2", "--eval_episodes", "0",
     "--vision_pretraining_steps", "0", "--matching_peer_steps", "0", "--train_vision_modules", "true",
 ]
 LORA = ["--use_lora", "true", "--lora_r", "4", "--lora_alpha", "8"]
@@ -285,7 +285,7 @@ def test_the_final_table_scores_kptllm_beside_the_matching_peer_and_the_cosine_p
     out = tmp_path / "run"
     argv = [*data_flags(small_benchmark), "--output_dir", str(out), *SMALL, "--max_steps", "2", "--save_steps", "2",
             "--vision_pretraining_steps", "2", "--matching_peer_steps", "2", "--train_vision_modules", "false",
-            "--eval_queries_per_category", "1", "--eval_shots", "1,2"]
+            "--eval_episodes", "1", "--eval_queries", "1", "--eval_shots", "1,2"]
     before = initial_model(argv).vision_tower.state_dict()
     threads = torch.get_num_threads()
     report = train.main(argv)  # the tiny preset trains the peer in a child process beside KptLLM
@@ -294,7 +294,8 @@ def test_the_final_table_scores_kptllm_beside_the_matching_peer_and_the_cosine_p
     assert list(report["results_by_shots"]) == ["1shot", "2shot"]
     for scores in report["results_by_shots"].values():
         assert list(scores) == methods and len({s["num_keypoints"] for s in scores.values()}) == 1
-    assert report["results"] == report["results_by_shots"]["1shot"]
+        assert all("pck_ci95" in s and "pck_per_pair" not in s for s in scores.values())  # official PCK, interval beside
+    assert report["results"] == report["results_by_shots"]["1shot"] and report["pairs"] == report["episodes"]
     table = (out / "results.md").read_text()
     assert "1-shot" in table and "2-shot" in table and "matching peer" in table
     assert (out / "matching_peer" / "model.safetensors").is_file() and (out / "loss_curves.png").is_file()
@@ -306,6 +307,8 @@ def test_the_final_table_scores_kptllm_beside_the_matching_peer_and_the_cosine_p
     assert all(torch.equal(peer[f"front.vision_tower.{key}"], value) for key, value in tower.items())
     with pytest.raises(SystemExit, match="eval_shots"):
         train.parse_arguments(["--eval_shots", "0,5"])
+    with pytest.raises(SystemExit, match="--eval_queries >= 1"):
+        train.parse_arguments(["--eval_queries", "0"])
 
 
 def test_resume_refuses_to_start_over_a_finished_run_whose_checkpoints_are_gone(tmp_path):
@@ -436,7 +439,7 @@ def test_smol_preset_trains_lora_and_full_modules_only(data_dir, tmp_path):
         ["--preset", "smol", *data_flags(data_dir), "--output_dir", str(out), "--use_cpu", "true",
          "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1",
          "--warmup_steps", "0", "--image_size", "32", "--vision_hidden_size", "32", "--vision_layers", "2",
-         "--eval_queries_per_category", "0", "--vision_pretraining_steps", "2"],  # stage 0 through the LoRA wrapper
+         "--eval_episodes", "0", "--vision_pretraining_steps", "2"],  # stage 0 through the LoRA wrapper
         callbacks=[snapshot],
     )
     assert report["global_step"] == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -15,10 +16,13 @@ from processing.coco import INSTANCE_FEATURES, load_keypoint_annotations
 from processing.episodes import (
     DEFAULT_TASK_MIX,
     TASKS,
+    CapeEpisode,
     Episode,
+    coco_file_order,
     fixed_test_episodes,
     load_episodes,
     make_training_samples,
+    sample_cape_episodes,
     sample_episodes,
     save_episodes,
     validate_task_mix,
@@ -391,3 +395,38 @@ def test_instance_grouped_samples_without_a_fallback_task_drop_unshown_keypoints
     # a pass that can make no sample ends instead of looping forever
     single = make_dataset({1: 1})
     assert len(make_training_samples(single, {"visual": 1.0}, seed=0, group_by_instance=True, samples_per_epoch=10)) == 0
+
+
+def test_cape_episodes_are_drawn_as_the_official_code_draws_them(caplog: pytest.LogCaptureFixture) -> None:
+    """`random.seed(1)`, then per category (file order) and episode `random.sample(instances, shots + queries)`
+    over the category's instances listed by image (file order), then annotation."""
+    dataset = make_dataset({7: 9, 2: 12, 5: 3})
+    # the images listed in the file in reverse id order; categories 7 before 2; 5 is too small for 1 + 4
+    image_order = sorted(dataset["image_id"][:], reverse=True)
+    with caplog.at_level(logging.WARNING, logger="processing.episodes"):
+        episodes = sample_cape_episodes(dataset, 1, 4, 3, category_order=[7, 2, 5], image_order=image_order)
+    assert "category 5 ('category5') has 3 instance(s); an episode draws 5" in caplog.text
+    random.seed(1)
+    expected = []
+    for category in (7, 2):
+        instances = sorted((row for row, c in enumerate(dataset["category_id"]) if c == category),
+                           key=lambda row: image_order.index(dataset[row]["image_id"]))
+        for _ in range(3):
+            expected.append(random.sample(instances, 5))
+    assert [[*e.support_rows, *e.query_rows] for e in episodes] == expected
+    first = episodes[0]
+    assert isinstance(first, CapeEpisode) and first.num_shots == 1 and len(first.query_rows) == 4
+    pairs = first.pairs()
+    assert all(p.support_rows == first.support_rows and p.category_id == 7 for p in pairs)  # the queries share it
+    assert [p.query_annotation_id for p in pairs] == list(first.query_annotation_ids)
+    # without the file's orders: categories and images by id
+    by_id = sample_cape_episodes(dataset, 2, 3, 1)
+    assert [e.category_id for e in by_id] == [2, 7]
+    with pytest.raises(ValueError, match="every category is too small"):
+        sample_cape_episodes(dataset, 5, 15, 1)
+
+
+def test_coco_file_order_reads_categories_and_images_as_listed(tmp_path: Path) -> None:
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"categories": [{"id": 9}, {"id": 3}], "images": [{"id": 4}, {"id": 1}], "annotations": []}))
+    assert coco_file_order(path) == ([9, 3], [4, 1])

@@ -6,7 +6,7 @@ import torch
 
 from modeling_kptllm.modeling_kptllm import patch_centers
 from processing.coco import load_mp100
-from processing.episodes import sample_episodes
+from processing.episodes import sample_cape_episodes
 from processing.evaluation import evaluate_visual_prompt
 from processing.matching_peer import BackgroundPeerTraining, MatchingPeer, match_episodes, train_matching_peer
 from processing.vision_pretraining import KeypointPairDataset, collate_keypoint_pairs
@@ -67,7 +67,8 @@ def test_saved_peer_predicts_the_same_and_scores_beside_kptllm(tiny, splits, tmp
     model, processor = tiny
     train, test = splits
     peer = MatchingPeer.from_stage0(model).eval()
-    episodes = sample_episodes(test, num_shots=1, num_queries_per_category=1, seed=0)[:3]
+    cape_episodes = sample_cape_episodes(test, num_shots=1, num_queries=1, num_episodes=1)[:3]
+    episodes = [pair for episode in cape_episodes for pair in episode.pairs()]
     predictions = match_episodes(peer, processor, test, episodes)
     peer.save_pretrained(tmp_path / "peer")
     again = match_episodes(MatchingPeer.from_pretrained(tmp_path / "peer"), processor, test, episodes)
@@ -77,7 +78,8 @@ def test_saved_peer_predicts_the_same_and_scores_beside_kptllm(tiny, splits, tmp
         assert np.isfinite(a[visible]).all() and np.isnan(a[~visible]).all()  # only prompted keypoints are placed
     probe = match_episodes(model, processor, test, episodes)  # the cosine floor on KptLLM's own modules
     assert [p.shape for p in probe] == [p.shape for p in predictions]
-    results, _ = evaluate_visual_prompt(model, processor, test, episodes, train, matching_peer=peer, cosine_probe=True)
+    results, pairs, _ = evaluate_visual_prompt(model, processor, test, cape_episodes, train, matching_peer=peer, cosine_probe=True)
+    assert pairs == episodes
     assert list(results) == ["KptLLM", "matching peer", "cosine probe (KptLLM's z_p, z_q)", "support-copy", "mean-position"]
     assert len({scores["num_keypoints"] for scores in results.values()}) == 1  # the same episodes for every method
 
