@@ -195,11 +195,10 @@ def test_the_space_converts_uploads_with_the_processor(tiny, tmp_path, monkeypat
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
     model, processor = tiny
-    monkeypatch.setattr(app, "AutoModel", SimpleNamespace(from_pretrained=lambda *args, **kwargs: model))
-    monkeypatch.setattr(app, "AutoProcessor", SimpleNamespace(from_pretrained=lambda *args, **kwargs: processor))
+    monkeypatch.setattr(app, "pipeline", lambda *args, **kwargs: SimpleNamespace(model=model, processor=processor))
     service = app.KeypointService("a KptLLM folder")
     seen = []
-    monkeypatch.setattr(service, "_run", lambda image, **kwargs: seen.append(image) or ([{"name": "nose", "x": 1.0, "y": 1.0}], [""]))
+    monkeypatch.setattr(service, "_run", lambda image, **kwargs: seen.append(image) or [{"name": "nose", "x": 1.0, "y": 1.0, "score": 0.5}])
     service.detect_textual(str(_high_bit_images(tmp_path)["I;16"]), "nose")
     assert seen[0].mode == "RGB" and seen[0].getpixel((3, 3)) == (128, 128, 128)
 
