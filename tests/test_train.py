@@ -224,7 +224,7 @@ def test_keypoint_attention_loss_leaves_textual_rows_and_invisible_targets_alone
         train.keypoint_attention_loss((attention, attention), two_patches_only, targets, torch.tensor([1]), config)
 
 
-def test_keypoint_attention_loss_teaches_a_visual_row_to_match_in_the_first_layer_and_copy_in_the_last():
+def test_keypoint_attention_loss_teaches_a_visual_row_to_match_in_the_first_two_layers_and_copy_in_the_last():
     from types import SimpleNamespace
 
     config = SimpleNamespace(keypoint_token_id=7, image_token_id=5, kpt_prompt_token_id=6, patch_grid_size=2)
@@ -232,15 +232,17 @@ def test_keypoint_attention_loss_teaches_a_visual_row_to_match_in_the_first_laye
     targets = torch.tensor([[0.25, 0.75]])  # the centre of patch 2
     visible = torch.tensor([1])
 
-    def loss(match_column: int, copy_column: int) -> float:
-        first, last = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8)
+    def loss(match_column: int, copy_column: int, second_look_column: int = 3) -> float:
+        first, second, last = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8)
         first[0, :, 5, match_column] = 1.0  # from <kpt_prompt>, first layer
+        second[0, :, 5, second_look_column] = 1.0  # from <kpt_prompt>, second layer
         last[0, :, 7, copy_column] = 1.0  # from <keypoint>, last layer
-        return train.keypoint_attention_loss((first, torch.zeros(1, 2, 8, 8), last), input_ids, targets, visible, config).item()
+        return train.keypoint_attention_loss((first, second, last), input_ids, targets, visible, config).item()
 
     ideal = loss(match_column=3, copy_column=5)
     assert ideal == pytest.approx(0.0, abs=1e-4)
     assert loss(match_column=1, copy_column=5) > 1.0  # matched the wrong patch
+    assert loss(match_column=3, copy_column=5, second_look_column=1) > 1.0  # the second look went elsewhere
     assert loss(match_column=3, copy_column=3) > 1.0  # <keypoint> looked at the patch instead of copying z_p's match
     assert loss(match_column=3, copy_column=5) < loss(match_column=5, copy_column=5)  # z_p looking at itself
 
