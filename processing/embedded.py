@@ -41,6 +41,12 @@ in AP-10K order and the AP-10K skeleton. Instances of every species are split 70
 cross-species protocols select by family, e.g. train on the Bovidae instances of
 ``ap10k_train.json`` and test on the Canidae instances of ``ap10k_test.json``.
 
+Hard variant (``--difficulty hard``, :mod:`processing.embedded_hard`): the same files, categories,
+splits, poses and annotations, drawn so that appearance alone is ambiguous: left/right pairs share a
+glyph, a quarter of each category's keypoints (skeleton joints) carry none, every glyph's colour,
+size and rotation is jittered, and look-alike glyphs sit in the background. Its knobs and their
+measured effect on the baselines are in that module and ``docs/embedded_hard.md``.
+
 Everything is a pure function of the seed: every instance has its own random generator derived
 from ``(seed, category, instance)``, so the worker pool's scheduling cannot change any byte.
 """
@@ -57,12 +63,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .coco import AP10K_KEYPOINT_NAMES
+
+if TYPE_CHECKING:  # embedded_hard builds on this module, so it is imported where it is used
+    from .embedded_hard import HardCategoryPlan, HardKnobs
 
 GENERATOR_VERSION = "1.0"
 
@@ -767,16 +776,21 @@ def _coco_annotation(spec: CategorySpec, inst: Instance, image_id: int) -> dict[
     }
 
 
-# One job = one image: (seed, stream, spec, instance index, image id, image size, path).
-# Module-level so that multiprocessing can pickle it.
-_Job = tuple[int, int, CategorySpec, int, int, int, str]
+# One job = one image: (seed, stream, spec, instance index, image id, image size, path, hard plan
+# or None for the default variant). Module-level so that multiprocessing can pickle it.
+_Job = tuple[int, int, CategorySpec, int, int, int, str, "HardCategoryPlan | None"]
 
 
 def _run_job(job: _Job) -> tuple[dict[str, Any], dict[str, Any]]:
-    seed, stream, spec, index, image_id, image_size, path = job
+    seed, stream, spec, index, image_id, image_size, path, hard_plan = job
     rng = np.random.default_rng([seed, stream, spec.id, index])
     inst = sample_instance(spec, rng, image_size)
-    img = render_instance(spec, inst, rng, image_size)
+    if hard_plan is None:
+        img = render_instance(spec, inst, rng, image_size)
+    else:
+        from .embedded_hard import render_hard_instance
+
+        img = render_hard_instance(spec, inst, rng, image_size, hard_plan)
     img.save(path, format="PNG", compress_level=6)
     file_name = f"{spec.name}/{image_id:06d}.png"
     image = {"id": image_id, "file_name": file_name, "width": image_size, "height": image_size}
@@ -819,9 +833,12 @@ def support_copy_pck(annotations: list[dict[str, Any]], threshold: float = 0.2) 
 
 
 def _params(seed: int, instances_per_category: int, instances_per_species: int,
-            image_size: int) -> dict[str, Any]:
-    return {"seed": seed, "instances_per_category": instances_per_category,
-            "instances_per_species": instances_per_species, "image_size": image_size}
+            image_size: int, hard: HardKnobs | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"seed": seed, "instances_per_category": instances_per_category,
+                              "instances_per_species": instances_per_species, "image_size": image_size}
+    if hard is not None:  # only then: the default variant's manifest stays byte for byte what it was
+        params["hard"] = hard.as_dict()
+    return params
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -835,10 +852,12 @@ def generate_embedded_benchmark(
     image_size: int = 128,
     instances_per_species: int = 40,
     workers: int | None = None,
+    hard: HardKnobs | None = None,
 ) -> dict[str, Any]:
     """Generate the benchmark under ``out_dir`` and return a summary with the file paths.
 
-    ``workers`` only changes speed (default: up to 2 processes), never the output. A previous
+    ``hard`` draws the hard variant with these knobs (:mod:`processing.embedded_hard`; same
+    annotations, harder pixels). ``workers`` only changes speed (default: up to 2 processes), never the output. A previous
     benchmark in ``out_dir`` (recognised by its manifest) is removed first so that no stale image
     survives a change of parameters; other files in ``out_dir`` are never touched.
     """
@@ -861,6 +880,18 @@ def generate_embedded_benchmark(
     overlaps = {s: name_overlap(mp_specs, split) for s, split in splits.items()}
     if min(overlaps.values()) < 0.8:
         raise AssertionError(f"test keypoint names not covered by training: {overlaps}")
+    plans: dict[tuple[int, int], HardCategoryPlan] = {}
+    if hard is not None:
+        from .embedded_hard import plan_category
+
+        plans = {(stream, spec.id): plan_category(spec, hard, seed)
+                 for stream, specs in ((10, mp_specs), (11, ap_specs)) for spec in specs}
+
+    def coco_category(stream: int, spec: CategorySpec) -> dict[str, Any]:
+        category = spec.coco_category()
+        if hard is not None:  # where a scorer can tell keypoints found by glyph from those found by geometry
+            category["unglyphed_keypoints"] = [spec.keypoints[k] for k in plans[(stream, spec.id)].unglyphed]
+        return category
 
     jobs: list[_Job] = []
     image_id = 0
@@ -871,7 +902,8 @@ def generate_embedded_benchmark(
             for index in range(count):
                 image_id += 1
                 path = str(out / "images" / spec.name / f"{image_id:06d}.png")
-                jobs.append((seed, stream, spec, index, image_id, image_size, path))
+                jobs.append((seed, stream, spec, index, image_id, image_size, path,
+                             plans.get((stream, spec.id))))
 
     n_workers = min(2, os.cpu_count() or 1) if workers is None else workers
     if n_workers > 1:
@@ -895,7 +927,7 @@ def generate_embedded_benchmark(
                          "version": GENERATOR_VERSION, "seed": seed},
                 "images": [p[0] for p in pairs],
                 "annotations": [p[1] for p in pairs],
-                "categories": [mp_by_id[cid].coco_category() for cid in split[subset]],
+                "categories": [coco_category(10, mp_by_id[cid]) for cid in split[subset]],
             }
             key = f"mp100_split{s}_{subset}"
             files[key] = str(out / "annotations" / f"{key}.json")
@@ -920,13 +952,19 @@ def generate_embedded_benchmark(
                      "version": GENERATOR_VERSION, "seed": seed},
             "images": [p[0] for p in pairs],
             "annotations": [p[1] for p in pairs],
-            "categories": [spec.coco_category() for spec in ap_specs],
+            "categories": [coco_category(11, spec) for spec in ap_specs],
         }
         key = f"ap10k_{subset}"
         files[key] = str(out / "annotations" / f"{key}.json")
         _write_json(Path(files[key]), coco)
 
-    glyph_table = {n: {"shape": g.shape, "colour": g.colour, "rgb": list(g.rgb)} for n, g in GLYPHS.items()}
+    if hard is None:
+        glyphs = GLYPHS
+    else:
+        from .embedded_hard import glyph_table as hard_glyph_table
+
+        glyphs = hard_glyph_table(hard)
+    glyph_table = {n: {"shape": g.shape, "colour": g.colour, "rgb": list(g.rgb)} for n, g in glyphs.items()}
     _write_json(out / "glyphs.json", glyph_table)
 
     summary: dict[str, Any] = {
@@ -939,8 +977,11 @@ def generate_embedded_benchmark(
         "name_overlap": {f"split{s}": round(v, 4) for s, v in overlaps.items()},
         "support_copy_pck@0.2": baselines,
     }
+    if hard is not None:
+        summary["difficulty"] = "hard"
+        summary["unglyphed_keypoints"] = sum(len(plan.unglyphed) for plan in plans.values())
     manifest = {"generator_version": GENERATOR_VERSION,
-                "params": _params(seed, instances_per_category, instances_per_species, image_size),
+                "params": _params(seed, instances_per_category, instances_per_species, image_size, hard),
                 "summary": summary, "files": {k: str(Path(v).relative_to(out)) for k, v in files.items()}}
     _write_json(manifest_path, manifest)
     return {**summary, "out_dir": str(out), "files": files, "generated": True,
@@ -951,14 +992,21 @@ def ensure_embedded_benchmark(out_dir: str | os.PathLike[str], **kw: Any) -> dic
     """Generate the benchmark unless ``out_dir`` already holds one with the same parameters.
 
     The manifest is written last, so an interrupted generation is detected and redone.
-    Accepts the keyword arguments of :func:`generate_embedded_benchmark`.
+    Accepts the keyword arguments of :func:`generate_embedded_benchmark`. Without ``hard``, a folder
+    keeps the variant it holds (``train.py --data_dir data/embedded_hard`` uses the hard variant
+    generated there); ``hard=None`` asks for the default variant explicitly.
     """
     out = Path(out_dir)
-    defaults = {"seed": 0, "instances_per_category": 30, "instances_per_species": 40, "image_size": 128}
-    wanted = _params(**{k: kw.get(k, v) for k, v in defaults.items()})
     manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {}
+    if "hard" not in kw and "hard" in manifest.get("params", {}):
+        from .embedded_hard import HardKnobs
+
+        kw = {**kw, "hard": HardKnobs(**manifest["params"]["hard"])}
+    defaults = {"seed": 0, "instances_per_category": 30, "instances_per_species": 40, "image_size": 128,
+                "hard": None}
+    wanted = _params(**{k: kw.get(k, v) for k, v in defaults.items()})
+    if manifest:
         files = {k: str(out / v) for k, v in manifest.get("files", {}).items()}
         if (manifest.get("generator_version") == GENERATOR_VERSION and manifest.get("params") == wanted
                 and files and all(Path(p).exists() for p in files.values())):
@@ -974,12 +1022,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--instances-per-species", type=int, default=40)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: up to 2)")
+    parser.add_argument("--difficulty", choices=["default", "hard"], default="default",
+                        help="hard: mirror pairs share a glyph, unglyphed joints, jittered glyphs, "
+                             "background look-alikes (processing/embedded_hard.py)")
     args = parser.parse_args(argv)
+    hard = None
+    if args.difficulty == "hard":
+        from .embedded_hard import HardKnobs
+
+        hard = HardKnobs()
     summary = generate_embedded_benchmark(
         args.out, seed=args.seed, instances_per_category=args.instances_per_category,
         image_size=args.image_size, instances_per_species=args.instances_per_species,
-        workers=args.workers)
-    print(f"embedded benchmark written to {summary['out_dir']}")
+        workers=args.workers, hard=hard)
+    print(f"embedded benchmark ({args.difficulty} variant) written to {summary['out_dir']}")
     print(f"  MP-100 layout: {summary['mp100_categories']} categories, 5 splits (70/10/20)")
     print(f"  AP-10K layout: {summary['ap10k_species']} species in families {', '.join(summary['ap10k_families'])}")
     print(f"  instances: {summary['instances']}, images: {summary['images']}, "
