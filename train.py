@@ -63,7 +63,7 @@ DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "configs" / "deepspeed"
 # Trainer defaults per preset; the command line is appended, so explicit flags override these.
 PRESETS: dict[str, list[str]] = {
     "tiny": [
-        "--output_dir", "runs/tiny", "--max_steps", "800", "--per_device_train_batch_size", "16",
+        "--output_dir", "runs/tiny", "--max_steps", "1000", "--per_device_train_batch_size", "16",
         "--learning_rate", "1e-3", "--weight_decay", "0", "--lr_scheduler_type", "cosine", "--warmup_steps", "50",
         "--logging_steps", "25", "--save_steps", "250", "--save_total_limit", "2", "--report_to", "none",
         "--use_cpu", "true", "--dataloader_num_workers", "0", "--remove_unused_columns", "false", "--seed", "0",
