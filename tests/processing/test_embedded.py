@@ -1,5 +1,6 @@
 """The embedded benchmark: layout, determinism, split discipline, COCO validity, glyph rules."""
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -249,3 +250,28 @@ def test_contact_sheet(bench, tmp_path):
         assert sheet.width == 4 * 96 * 3 and sheet.height > 2 * 96 * 3
     path = make_contact_sheet(out, tmp_path / "ap.png", split="ap10k", subset="val", n=3)
     assert path.is_file()
+
+
+def _digests(out: Path) -> dict[str, str]:
+    """sha256 over every JSON file's bytes and every image's decoded pixels (PNG bytes depend on zlib)."""
+    files, pixels = hashlib.sha256(), hashlib.sha256()
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(out)).encode()
+        if path.suffix == ".png":
+            pixels.update(rel)
+            pixels.update(np.asarray(Image.open(path).convert("RGB")).tobytes())
+        else:
+            files.update(rel)
+            files.update(path.read_bytes())
+    return {"json": files.hexdigest(), "pixels": pixels.hexdigest()}
+
+
+def test_default_variant_is_unchanged(bench):
+    """The default benchmark's numbers are another issue's reference: its files must not change by a byte.
+
+    Digests of this module's small generation, recorded before the hard variant (issue #17) was added.
+    """
+    assert _digests(bench[0]) == {
+        "json": "04b09011d5879a1f641fce261a34dde0f7d362f15f062bd00aa4c417ab742784",
+        "pixels": "491e76fb9689685b66969cd71882c3371ccf249e195105dca3634d5d9e0f262f",
+    }
