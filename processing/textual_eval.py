@@ -4,8 +4,20 @@ understanding (naming accuracy: paper Table 1), each scored next to baselines me
 Textual prompt (top-down, as CLAMP and the paper: the query is cropped around its ground-truth box):
 the model gets the query crop and the K keypoint names, one sequence per name, all K in one batched
 `detect_keypoints` call; predictions are mapped back to pixels and scored with the local OKS AP
-metric (`metrics/oks_ap`, pycocotools with AP-10K's sigmas). Every prediction gets score 1.0: the
-model gives no confidence, and with ground-truth boxes there is one prediction per instance.
+metric (`metrics/oks_ap`, pycocotools with AP-10K's sigmas).
+
+Confidences: pycocotools ranks every prediction of the test set by its instance score before it
+builds the precision-recall curve, so OKS AP rewards a model whose confident instances are the
+well-localized ones (with one constant score the ranking is the file order, and AP measures that
+order's luck, not the model). Each keypoint's score is the model's `keypoint_scores` (p(`<keypoint>`)
+times the geometric mean of the probabilities of the answer tokens that name it; 0 where no
+`<keypoint>` was emitted); it is the third value of each keypoint in the COCO results. The instance
+score is mmpose's for top-down predictions (`CocoMetric(score_mode="bbox_keypoint")`, the rule of
+CLAMP's `TopDownAp10KDataset` with `vis_thr=0.2`) with the ground-truth box's score 1: the mean of the
+keypoint scores above 0.2, 0 when none is (:func:`instance_score`). The mean-position baseline has no
+confidence: every one of its predictions scores 1.0, as does the `KptLLM (constant score)` row, the
+model's own predictions ranked in file order, printed to show what the ranking contributes.
+
 Baseline: mean-position (each name at its mean normalized crop position over the training
 instances, placed in the query crop; the overall mean for a name never seen in training).
 
@@ -52,9 +64,13 @@ from .coco import AP10K_SIGMAS, CLAMP_PROTOCOLS, load_ap10k, load_image
 from .evaluation import mean_positions
 
 OKS_AP_METRIC_PATH = str(Path(__file__).resolve().parents[1] / "metrics" / "oks_ap")
-PREDICTION_SCORE = 1.0
-"""Score of every prediction: KptLLM gives no confidence, and top-down evaluation with ground-truth
-boxes has exactly one prediction per instance."""
+CONSTANT_SCORE = 1.0
+"""Instance and keypoint score of predictions that carry no confidence (the mean-position baseline)."""
+KEYPOINT_SCORE_THRESHOLD = 0.2
+"""Keypoints scored at or below this are left out of the instance score (mmpose's `keypoint_score_thr`,
+mmpose 0.x's `vis_thr`, the value of CLAMP's AP-10K configs)."""
+CONSTANT_SCORE_ROW = "KptLLM (constant score)"
+"""The row of :func:`evaluate_textual_prompt` that scores the model's predictions with every score 1.0."""
 
 
 @functools.cache
@@ -113,8 +129,9 @@ def predict_textual(
     processor: KptLlmProcessor,
     row: dict,
     identify_then_detect: bool = True,
-) -> tuple[np.ndarray, list[str | None]]:
-    """All K keypoint names of one instance in one batched call -> (K, 2) pixels (NaN: not localized), names."""
+) -> tuple[np.ndarray, list[str | None], np.ndarray]:
+    """All K keypoint names of one instance in one batched call -> (K, 2) pixels (NaN: not localized), the
+    names the model wrote, and (K,) keypoint scores (the model's `keypoint_scores`, 0 where not localized)."""
     inputs = processor(
         query=load_image(row["image_path"]),
         query_bbox=row["bbox"],
@@ -124,7 +141,7 @@ def predict_textual(
     ).to(model.device)
     outputs = model.detect_keypoints(**inputs)
     (result,), = processor.post_process_keypoint_detection(outputs)  # one image, one box
-    return result["keypoints"].double().numpy(), result["names"]  # (K, 2) pixels, NaN: not localized
+    return result["keypoints"].double().numpy(), result["names"], result["scores"].double().numpy()
 
 
 def mean_position_predictions(instances: Dataset, train_instances: Dataset, crop_padding: float) -> list[np.ndarray]:
@@ -145,12 +162,24 @@ def _farthest_box_corners(points: np.ndarray, bbox: Sequence[float]) -> np.ndarr
     return np.stack([x, y], axis=1)
 
 
+def instance_score(keypoint_scores: np.ndarray) -> float:
+    """mmpose's top-down instance score with a ground-truth box (box score 1): the mean of the keypoint
+    scores above :data:`KEYPOINT_SCORE_THRESHOLD`, 0 when none is."""
+    confident = keypoint_scores[keypoint_scores > KEYPOINT_SCORE_THRESHOLD]
+    return float(confident.mean()) if len(confident) else 0.0
+
+
 def score_oks(
     instances: Dataset | Sequence[dict],
     predictions: Sequence[np.ndarray],
     sigmas: Sequence[float] = AP10K_SIGMAS,
+    keypoint_scores: Sequence[np.ndarray] | None = None,
 ) -> dict:
     """OKS AP/AR of per-instance predictions ((K, 2) pixels, NaN = not localized) with the local metric.
+
+    `keypoint_scores`: per instance the (K,) confidences of its keypoints, in [0, 1]; each prediction is
+    ranked by :func:`instance_score` of them. None: every prediction and localized keypoint scores
+    :data:`CONSTANT_SCORE` (predictions without a confidence), so pycocotools ranks them in file order.
 
     Ground truth: each row's visible keypoints (v = 1), its bbox, and its area (the row's `area`
     column if it has one, else bbox w * h, which is what AP-10K's annotation files hold). Rows that
@@ -160,6 +189,8 @@ def score_oks(
     """
     if len(predictions) != len(instances):
         raise ValueError(f"score_oks needs one prediction per instance: {len(predictions)} for {len(instances)}")
+    if keypoint_scores is not None and len(keypoint_scores) != len(predictions):
+        raise ValueError(f"score_oks needs keypoint scores per prediction: {len(keypoint_scores)} for {len(predictions)}")
     num_keypoints = len(sigmas)
     references: dict[int, list[dict]] = defaultdict(list)
     predicted: dict[int, list[dict]] = defaultdict(list)
@@ -179,6 +210,13 @@ def score_oks(
             raise ValueError(f"predictions[{index}] contains inf (use NaN for a keypoint that was not localized)")
         missing = np.isnan(points).any(axis=1)
         unlocalized += int(missing.sum())
+        if keypoint_scores is None:
+            confidences, score = np.where(missing, 0.0, CONSTANT_SCORE), CONSTANT_SCORE
+        else:
+            confidences = np.asarray(keypoint_scores[index], dtype=np.float64)
+            if confidences.shape != (num_keypoints,) or not ((confidences >= 0) & (confidences <= 1)).all():
+                raise ValueError(f"keypoint_scores[{index}] must be {num_keypoints} numbers in [0, 1], got {confidences}")
+            score = instance_score(confidences)
         points[missing] = _farthest_box_corners(truth[missing], row["bbox"])
         area = row["area"] if row.get("area") is not None else row["bbox"][2] * row["bbox"][3]
         image = int(row["image_id"])
@@ -190,8 +228,8 @@ def score_oks(
         })
         predicted[image].append({
             "category_id": int(row["category_id"]),
-            "keypoints": np.column_stack([points, (~missing).astype(np.float64)]).tolist(),  # (K, 3)
-            "score": PREDICTION_SCORE,
+            "keypoints": np.column_stack([points, confidences]).tolist(),  # (K, 3): x, y, keypoint score
+            "score": score,  # pycocotools ranks the predictions of all images by it
         })
     images = list(references)
     scores = _oks_metric().compute(
@@ -212,20 +250,25 @@ def evaluate_textual_prompt(
 ) -> dict[str, dict]:
     """OKS AP of the model and of the mean-position baseline on the same (first `limit`) instances.
 
-    Returns {"KptLLM": scores, "mean-position": scores}; scores as :func:`score_oks`, and for the
-    model also `name_match`: the share of keypoints whose generated name (the identify step) is the
-    prompted name after :func:`normalize_name` (None without identify-then-detect).
+    Returns {"KptLLM": scores, :data:`CONSTANT_SCORE_ROW`: scores, "mean-position": scores}; scores as
+    :func:`score_oks` (KptLLM ranked by its confidences, the constant-score row by file order), and for
+    the model also `name_match`: the share of keypoints whose generated name (the identify step) is the
+    prompted name after :func:`normalize_name` (None without identify-then-detect), and
+    `mean_instance_score`.
     """
     instances = _first(instances, limit)
     results = {}
     model.eval()
-    predicted, names_match = [], []
+    predicted, confidences, names_match = [], [], []
     for row in tqdm(instances, desc="KptLLM textual prompts"):
-        points, names = predict_textual(model, processor, row, identify_then_detect)
+        points, names, scores = predict_textual(model, processor, row, identify_then_detect)
         predicted.append(points)
+        confidences.append(scores)
         names_match += [normalize_name(n) == normalize_name(p) for n, p in zip(names, row["keypoint_names"])]
-    results["KptLLM"] = score_oks(instances, predicted, sigmas)
+    results["KptLLM"] = score_oks(instances, predicted, sigmas, keypoint_scores=confidences)
     results["KptLLM"]["name_match"] = float(np.mean(names_match)) if identify_then_detect else None
+    results["KptLLM"]["mean_instance_score"] = float(np.mean([instance_score(s) for s in confidences]))
+    results[CONSTANT_SCORE_ROW] = score_oks(instances, predicted, sigmas)
     baseline = mean_position_predictions(instances, train_instances, processor.crop_padding)
     results["mean-position"] = score_oks(instances, baseline, sigmas)
     return results

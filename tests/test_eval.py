@@ -104,6 +104,18 @@ def test_ap10k_oks_ap_and_naming_accuracy(saved_model, small_benchmark, tmp_path
     assert entry["metric"]["type"] == "accuracy" and set(entry["baselines"]) == {"most-frequent", "nearest-mean-position"}
 
 
+def test_ap10k_scores_the_protocol_the_model_was_trained_under(saved_model, small_benchmark, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved_model, run / "model")
+    (run / "results.json").write_text(json.dumps({"data_args": {"dataset": "ap10k", "protocol": "canidae_to_felidae"}}))
+    report = run_evaluation(_args(saved_model, small_benchmark, tmp_path, model=str(run / "model"), dataset="ap10k", limit=2))
+    (entry,) = report["summary"]  # train.py's record beside the model folder chose the protocol
+    assert entry["dataset"]["config"] == "canidae_to_felidae" and "every score 1.0" in entry["setting"]
+    assert "KptLLM (constant score)" not in entry["baselines"] and "KptLLM (constant score)" in report["details"]["canidae_to_felidae"]
+    with pytest.raises(SystemExit, match="trained on Canidae"):  # bovidae_to_canidae would test on the training family
+        run_evaluation(_args(saved_model, small_benchmark, tmp_path, model=str(run / "model"), dataset="ap10k", protocol="all"))
+
+
 def test_semantic_naming_and_visual_textual_on_mp100(saved_model, small_benchmark, tmp_path):
     report = run_evaluation(_args(saved_model, small_benchmark, tmp_path, task="semantic", limit=2))
     assert report["summary"][0]["metric"]["name"] == "Naming accuracy"

@@ -331,6 +331,31 @@ def test_mp100_flag_needs_a_dataset(tmp_path):
         train.main(["--dataset", "mp100", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
 
 
+def test_ap10k_trains_a_clamp_protocol_on_textual_prompts_and_eval_scores_that_protocol(data_dir, tmp_path):
+    from eval import EvalArguments, run_evaluation
+
+    out = tmp_path / "run"
+    argv = ["--dataset", "ap10k", "--data_dir", str(data_dir), "--output_dir", str(out), *SMALL, "--max_steps", "2",
+            "--eval_episodes", "1"]
+    model_args, data_args, training_args = train.parse_arguments(argv)
+    assert data_args.task_mix == "textual=1.0" and model_args.keypoint_attention_weight == 0  # train.AP10K_DEFAULTS
+    training, test = train.load_instances(data_args, training_args)
+    assert set(training["supercategory"]) == {"Bovidae"} and set(test["supercategory"]) == {"Canidae"}
+    report = train.main(argv)
+    assert report["protocol"] == "bovidae_to_canidae" and "split" not in report
+    assert list(report["results"]) == ["KptLLM", "KptLLM (constant score)", "mean-position"]
+    assert report["results"]["KptLLM"]["num_instances"] == len(test)
+    assert "bovidae_to_canidae: Bovidae -> Canidae" in (out / "results.md").read_text()
+    scored = run_evaluation(EvalArguments(model=str(out / "model"), dataset="ap10k", data_dir=str(data_dir), limit=2,
+                                          output_dir=str(tmp_path / "eval")))
+    assert [entry["dataset"]["config"] for entry in scored["summary"]] == ["bovidae_to_canidae"]  # the trained protocol
+    for flags, message in ((["--protocol", "cats_to_dogs"], "--protocol 'cats_to_dogs'"),
+                           (["--matching_peer_steps", "5"], "visual prompts"),
+                           (["--held_out_supercategory", "Canidae"], "holds out families by --protocol")):
+        with pytest.raises(SystemExit, match=message):
+            train.parse_arguments(["--dataset", "ap10k", *flags])
+
+
 KILLABLE = textwrap.dedent(
     """
     import sys, time

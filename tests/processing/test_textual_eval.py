@@ -15,8 +15,10 @@ import processing.textual_eval as textual_eval
 from processing.builders import build_tiny_model
 from processing.coco import AP10K_KEYPOINT_NAMES, AP10K_SIGMAS
 from processing.textual_eval import (
+    CONSTANT_SCORE_ROW,
     evaluate_semantic,
     evaluate_textual_prompt,
+    instance_score,
     load_clamp_protocol,
     naming_markdown_table,
     normalize_name,
@@ -49,18 +51,20 @@ def ap10k_tiny():
     return model.eval(), processor
 
 
-def pycocotools_stats(rows: list[dict], predicted: list[np.ndarray]) -> dict:
-    """OKS AP of (K, 2) predictions (score 1) for instance rows, by pycocotools directly."""
+def pycocotools_stats(rows: list[dict], predicted: list[np.ndarray], scores: list[float] | None = None,
+                      sigmas=AP10K_SIGMAS) -> dict:
+    """OKS AP of (K, 2) predictions (instance scores: 1 unless given) for instance rows, by pycocotools directly."""
+    scores = scores or [1.0] * len(rows)
     images = sorted({row["image_id"] for row in rows})
     annotations, results = [], []
-    for row, points in zip(rows, predicted):
+    for row, points, score in zip(rows, predicted, scores):
         bbox = row["bbox"]
         annotations.append({
             "id": len(annotations) + 1, "image_id": row["image_id"], "category_id": row["category_id"],
             "keypoints": np.column_stack([row["keypoints"], row["visible"]]).ravel().tolist(),
             "num_keypoints": int(sum(row["visible"])), "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0,
         })
-        results.append({"image_id": row["image_id"], "category_id": row["category_id"], "score": 1.0,
+        results.append({"image_id": row["image_id"], "category_id": row["category_id"], "score": score,
                         "keypoints": np.column_stack([points, np.ones(len(points))]).ravel().tolist()})
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
@@ -68,7 +72,7 @@ def pycocotools_stats(rows: list[dict], predicted: list[np.ndarray]) -> dict:
                       "categories": [{"id": c} for c in sorted({a["category_id"] for a in annotations})]}
         gt.createIndex()
         evaluation = COCOeval(gt, gt.loadRes(results), iouType="keypoints")
-        evaluation.params.kpt_oks_sigmas = np.array(AP10K_SIGMAS)
+        evaluation.params.kpt_oks_sigmas = np.array(sigmas)
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
@@ -86,7 +90,8 @@ def test_textual_prompt_end_to_end(ap10k_tiny, clamp):
     model, processor = ap10k_tiny
     train, test = clamp
     results = evaluate_textual_prompt(model, processor, test, train, limit=2)
-    assert set(results) == {"KptLLM", "mean-position"}
+    assert set(results) == {"KptLLM", CONSTANT_SCORE_ROW, "mean-position"}
+    assert 0.0 <= results["KptLLM"]["mean_instance_score"] <= 1.0
     labelled = int(np.sum(test.select(range(2))["visible"]))
     for scores in results.values():
         assert scores["num_instances"] == 2 and scores["num_keypoints"] == labelled
@@ -94,7 +99,7 @@ def test_textual_prompt_end_to_end(ap10k_tiny, clamp):
     assert 0 <= results["KptLLM"]["num_unlocalized"] <= 2 * len(AP10K_SIGMAS)
     assert 0.0 <= results["KptLLM"]["name_match"] <= 1.0
     table = oks_markdown_table(results)
-    assert table.count("\n") == 3 and "| KptLLM |" in table
+    assert table.count("\n") == 4 and "| KptLLM |" in table
 
 
 def test_semantic_end_to_end(ap10k_tiny, clamp):
@@ -116,7 +121,8 @@ def test_perfect_predictor_and_independent_mean_position_baseline(ap10k_tiny, cl
 
     def oracle(model, processor, row, identify_then_detect=True):
         points = np.asarray(row["keypoints"], float)
-        return points, [name.upper() + "." for name in row["keypoint_names"]]  # names match after normalization
+        names = [name.upper() + "." for name in row["keypoint_names"]]  # names match after normalization
+        return points, names, np.ones(len(points))
 
     monkeypatch.setattr(textual_eval, "predict_textual", oracle)
     results = evaluate_textual_prompt(SimpleNamespace(eval=lambda: None), processor, test, train)
@@ -174,6 +180,56 @@ def test_unlocalized_keypoints_are_scored_as_misses(clamp):
             guessed.append(p)
         assert scored["AP"] <= score_oks(rows, guessed)["AP"]
     assert scored["AP"] < score_oks(rows, jittered)["AP"]
+
+
+def _instance(image_id: int, points) -> dict:
+    """An instance of three keypoints in its own 100 x 100 image, box and crop = the image (padding 1)."""
+    return {"image_path": "unused.png", "image_id": image_id, "annotation_id": image_id, "category_id": 1,
+            "bbox": [0.0, 0.0, 100.0, 100.0], "keypoints": [list(map(float, p)) for p in points], "visible": [1, 1, 1],
+            "keypoint_names": ["a", "b", "c"], "width": 100, "height": 100}
+
+
+def test_the_model_scores_rank_predictions_for_oks_ap(monkeypatch):
+    """Two instances, one found exactly and one missed: AP depends on which pycocotools ranks first."""
+    sigmas = [0.05, 0.05, 0.05]
+    truth = [[20, 20], [50, 50], [80, 80]]
+    rows = [_instance(1, truth), _instance(2, truth)]  # file order: the missed instance comes first
+    predicted = [np.asarray(truth, float)[::-1].copy(), np.asarray(truth, float)]  # mirrored: OKS 1/3, no match; exact
+    confident_in_the_hit = [np.array([0.3, 0.1, 0.3]), np.array([0.9, 0.8, 0.1])]  # instance scores 0.3 and 0.85
+    assert [instance_score(s) for s in confident_in_the_hit] == [pytest.approx(0.3), pytest.approx(0.85)]
+    assert instance_score(np.array([0.2, 0.1, 0.0])) == 0.0  # mmpose: keypoints at or below 0.2 are left out
+
+    constant = score_oks(rows, predicted, sigmas)
+    ranked = score_oks(rows, predicted, sigmas, keypoint_scores=confident_in_the_hit)
+    misranked = score_oks(rows, predicted, sigmas, keypoint_scores=confident_in_the_hit[::-1])
+    # the hit first: precision 1 up to recall 1/2 (AP = 51/101 on the 101 recall points); the miss first: 1/2
+    assert ranked["AP"] == pytest.approx(51 / 101) and constant["AP"] == misranked["AP"] == pytest.approx(51 / 202)
+    assert ranked["AP"] == pytest.approx(pycocotools_stats(rows, predicted, [0.3, 0.85], sigmas)["AP"])
+    assert constant["AP"] == pytest.approx(pycocotools_stats(rows, predicted, None, sigmas)["AP"])
+
+    written = []  # what reaches the metric: keypoint scores as the third values, the instance score as "score"
+    metric = textual_eval._oks_metric()
+    monkeypatch.setattr(textual_eval, "_oks_metric", lambda: SimpleNamespace(
+        compute=lambda predictions, **kwargs: written.extend(predictions) or metric.compute(predictions=predictions, **kwargs)))
+    score_oks(rows, [predicted[0], np.where([[0], [1], [0]], np.nan, predicted[1])], sigmas,
+              keypoint_scores=[confident_in_the_hit[0], np.array([0.9, 0.0, 0.1])])
+    assert [p["score"] for (p,) in written] == [pytest.approx(0.3), pytest.approx(0.9)]
+    assert [k[2] for k in written[1][0]["keypoints"]] == [0.9, 0.0, 0.1]
+    with pytest.raises(ValueError, match="keypoint scores per prediction"):
+        score_oks(rows, predicted, sigmas, keypoint_scores=confident_in_the_hit[:1])
+    with pytest.raises(ValueError, match=r"keypoint_scores\[1\] must be 3 numbers in \[0, 1\]"):
+        score_oks(rows, predicted, sigmas, keypoint_scores=[confident_in_the_hit[0], np.array([1.5, 0.5, 0.5])])
+
+    # evaluate_textual_prompt ranks by the model's scores and prints the constant-score row beside
+    by_image = dict(zip((1, 2), zip(predicted, confident_in_the_hit)))
+    monkeypatch.setattr(textual_eval, "predict_textual",
+                        lambda model, processor, row, itd=True: (by_image[row["image_id"]][0], ["a", "b", "c"], by_image[row["image_id"]][1]))
+    monkeypatch.setattr(textual_eval, "_oks_metric", lambda: metric)
+    results = evaluate_textual_prompt(SimpleNamespace(eval=lambda: None), SimpleNamespace(crop_padding=1.0),
+                                      Dataset.from_list(rows), Dataset.from_list(rows), sigmas=sigmas)
+    assert results["KptLLM"]["AP"] == pytest.approx(ranked["AP"])
+    assert results[CONSTANT_SCORE_ROW]["AP"] == pytest.approx(constant["AP"])
+    assert results["KptLLM"]["mean_instance_score"] == pytest.approx((0.3 + 0.85) / 2)
 
 
 def test_score_oks_errors(clamp):
