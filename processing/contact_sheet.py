@@ -2,12 +2,15 @@
 
 Each tile shows one instance (one per category, cycling through the categories of the file),
 enlarged with nearest-neighbour resampling so glyph pixels stay honest, its bbox, a small marker
-and the name at every visible keypoint, and the names of the occluded ones in the caption.
+and the name at every visible keypoint, and the names of the occluded ones (and of the hard embedded
+variant's unglyphed ones) in the caption.
 Works on any COCO keypoint file; the defaults point at the embedded benchmark::
 
     python -m processing.contact_sheet --data data/embedded --out contact_sheet.png \\
         --split 1 --subset test --n 24
     python -m processing.contact_sheet --data data/embedded --split ap10k --subset test
+    python -m processing.contact_sheet --data data/embedded --beside data/embedded_hard --n 4 \\
+        --out docs/contact_sheet_default_vs_hard.png   # the same instances, default above, hard below
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ def draw_tile(image: Image.Image, ann: dict[str, Any], category: dict[str, Any],
     title = f"{category['name']} ({category['supercategory']})  img {ann['image_id']}"
     draw.text((4, big.height + 2), title, fill=(255, 255, 255), font=font)
     occ = "occluded: " + (", ".join(occluded) if occluded else "none")
+    if category.get("unglyphed_keypoints"):  # the embedded benchmark's hard variant: joints drawn without a glyph
+        occ += "; no glyph: " + ", ".join(category["unglyphed_keypoints"])
     draw.text((4, big.height + 15), occ, fill=(200, 200, 200), font=font)
     return tile
 
@@ -102,6 +107,23 @@ def make_contact_sheet(data: str | Path, out: str | Path, split: str = "1", subs
     return out
 
 
+def stack_sheets(sheets: list[Path], labels: list[str], out: str | Path) -> Path:
+    """One PNG with the sheets one above the other, each under a title line (e.g. two variants' same instances)."""
+    font = ImageFont.load_default(size=16)
+    images = [Image.open(path).convert("RGB") for path in sheets]
+    title_h = 24
+    width = max(image.width for image in images)
+    stacked = Image.new("RGB", (width, sum(image.height + title_h for image in images)), (0, 0, 0))
+    draw = ImageDraw.Draw(stacked)
+    top = 0
+    for image, label in zip(images, labels, strict=True):
+        draw.text((6, top + 3), label, fill=LABEL_COLOUR, font=font)
+        stacked.paste(image, (0, top + title_h))
+        top += image.height + title_h
+    stacked.save(out)
+    return Path(out)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description="Draw a grid of annotated keypoint instances.")
     parser.add_argument("--data", default="data/embedded", help="dataset root (annotations/, images/)")
@@ -110,8 +132,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--subset", default="test", choices=["train", "val", "test"])
     parser.add_argument("--n", type=int, default=24, help="number of instances")
     parser.add_argument("--columns", type=int, default=6)
+    parser.add_argument("--beside", help="a second dataset root with the same annotations (e.g. data/embedded_hard): "
+                                         "its sheet of the same instances goes below the first")
     args = parser.parse_args(argv)
     path = make_contact_sheet(args.data, args.out, args.split, args.subset, args.n, args.columns)
+    if args.beside:
+        below = make_contact_sheet(args.beside, Path(args.out).with_suffix(".beside.png"), args.split, args.subset,
+                                   args.n, args.columns)
+        path = stack_sheets([path, below], [str(args.data), str(args.beside)], args.out)
+        below.unlink()
     print(f"contact sheet written to {path}")
     return path
 

@@ -10,6 +10,8 @@ from PIL import Image
 
 from processing import embedded as emb
 from processing import embedded_hard as hard
+from processing.contact_sheet import main as contact_sheet_main
+from processing.contact_sheet import make_contact_sheet
 
 SMALL = ["--instances-per-category", "2", "--instances-per-species", "10", "--image-size", "64", "--workers", "2"]
 STEMS = [f"mp100_split{s}_{sub}" for s in range(1, 6) for sub in ("train", "val", "test")] + [
@@ -162,3 +164,13 @@ def test_knobs_off_draws_the_default_pixels():
         assert plan.unglyphed == () and plan.glyphs == tuple(emb.GLYPHS[n] for n in spec.keypoints)
         for index in range(2):
             assert np.array_equal(_instance_and_render(spec, index, plan)[1], _instance_and_render(spec, index)[1])
+
+
+def test_contact_sheet_beside(hard_bench, tmp_path):
+    out, _ = hard_bench
+    single = make_contact_sheet(out, tmp_path / "one.png", n=4, columns=4)
+    path = contact_sheet_main(["--data", str(out), "--beside", str(out), "--n", "4", "--columns", "4",
+                               "--out", str(tmp_path / "both.png")])
+    with Image.open(single) as one, Image.open(path) as both:
+        assert both.width == one.width and both.height > 2 * one.height
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["both.png", "one.png"]  # the lower sheet's file is gone
