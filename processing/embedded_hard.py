@@ -138,6 +138,14 @@ class _GlyphLook:
     angle_deg: float
 
 
+@dataclass(frozen=True)
+class _SolidGlyph:
+    """Duck-types `embedded.Glyph` for `embedded.draw_glyph` with a jittered colour."""
+
+    shape: str
+    rgb: tuple[int, int, int]
+
+
 def _jittered_look(glyph: emb.Glyph, radius: float, knobs: HardKnobs, rng: np.random.Generator) -> _GlyphLook:
     hue_shift, sat_drop, val_drop = rng.uniform(-1.0, 1.0), rng.uniform(0.0, 1.0), rng.uniform(0.0, 1.0)
     size = rng.uniform(1.0 - knobs.size_jitter, 1.0)
@@ -181,14 +189,6 @@ def draw_jittered_glyph(draw: ImageDraw.ImageDraw, look: _GlyphLook, cx: float, 
                 corners = [(x0 + h, y0 + h), (x1 - h, y0 + h), (x1 - h, y1 - h), (x0 + h, y1 - h)]
                 path = _rotated(corners, cx, cy, look.angle_deg)
                 draw.line(path + path[:1], fill=colour, width=int(round(width)), joint="curve")
-
-
-@dataclass(frozen=True)
-class _SolidGlyph:
-    """Duck-types `embedded.Glyph` for `embedded.draw_glyph` with a jittered colour."""
-
-    shape: str
-    rgb: tuple[int, int, int]
 
 
 def _distractor_positions(keypoints: np.ndarray, radius: float, count: int, image_size: int,
