@@ -31,6 +31,13 @@ pixels change, through these knobs (:class:`HardKnobs`; the measured effect of e
 
 With every knob off (:data:`KNOBS_OFF`) the hard renderer draws exactly the default variant's pixels
 (tested), so each knob's effect is measured against the default alone.
+
+Measured (``benchmarks/embedded_hard.py``; split 1, 1-shot, the 2,100 official pairs, PCK@0.2 in %):
+support-copy 24.40 and mean-position 15.94 on every variant (they read only the annotations, which are
+the same); the cosine matcher after an 800-step stage 0 on the variant's own training categories scores
+85.21 on the default, 60.48 with mirror pairs sharing a glyph alone (41 % of the keypoints with a visible
+partner land on the partner), 76.49 with unglyphed joints alone (50 % of the bare joints still found),
+74.10 with the jitter alone, 78.49 with the distractors alone, and 54.10 with every knob (the hard variant).
 """
 
 from __future__ import annotations
