@@ -489,6 +489,9 @@ def sharpen_first_layer_match(
     batches = ({key: value.to(device) for key, value in batch.items()} for batch in loader)
     # PCK@0.2 of the box side, in crop units (the crop side is crop_padding x the box side)
     rates = pretraining_model.eval().match_hit_rates(batches, SHARPNESS_CANDIDATES, radius=0.2 / processor.crop_padding)
+    if not rates:
+        logger.warning("First-layer match: no keypoint shown in both crops of any fitting pair; left as trained")
+        return 1.0
     best = max(rates, key=rates.get)  # the smallest factor among equals: candidates ascend
     pretraining_model.first_layer_match.sharpen(best)
     logger.info("First-layer match: attention centre within PCK@0.2 on training pairs %s; sharpened x%g",

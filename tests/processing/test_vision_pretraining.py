@@ -266,6 +266,11 @@ def test_stage0_sharpens_the_first_layer_match_to_its_best_factor_on_training_pa
     assert asked["radius"] == pytest.approx(0.2 / processor.crop_padding)
     assert asked["batches"] and all(len(batch["pixel_values"]) <= 4 for batch in asked["batches"])
 
+    # no keypoint in both crops of any fitting pair: the match stays as trained
+    monkeypatch.setattr(vision_pretraining.VisionPretrainingModel, "match_hit_rates", lambda self, batches, sharpness, radius: {})
+    assert sharpen_first_layer_match(pretraining_model, instances, processor, name_ids, 4, 0.15, seed=0) == 1.0
+    torch.testing.assert_close(q_proj.detach(), 2 * before)
+
 
 def test_the_match_hit_rate_counts_attention_centres_near_the_target(instances, tiny):
     model, processor = copy.deepcopy(tiny[0]), tiny[1]
