@@ -733,12 +733,9 @@ def _convex_hull(points: np.ndarray) -> list[tuple[float, float]]:
     return lower[:-1] + upper[:-1]
 
 
-def render_instance(spec: CategorySpec, inst: Instance, rng: np.random.Generator,
-                    image_size: int) -> Image.Image:
-    img = _background(rng, image_size)
-    draw = ImageDraw.Draw(img)
-    r = inst.glyph_radius
-    limb_w = max(2, int(round(0.6 * r)))
+def draw_body(draw: ImageDraw.ImageDraw, spec: CategorySpec, inst: Instance) -> None:
+    """The category's body: filled polygons, limbs and round joints, in its body colour."""
+    limb_w = max(2, int(round(0.6 * inst.glyph_radius)))
     for poly in spec.polygons:
         hull = _convex_hull(inst.points[list(poly)])
         draw.polygon(hull, fill=spec.body_rgb)
@@ -748,6 +745,14 @@ def render_instance(spec: CategorySpec, inst: Instance, rng: np.random.Generator
     for x, y in inst.points:
         h = limb_w / 2
         draw.ellipse([x - h, y - h, x + h, y + h], fill=spec.body_rgb)
+
+
+def render_instance(spec: CategorySpec, inst: Instance, rng: np.random.Generator,
+                    image_size: int) -> Image.Image:
+    img = _background(rng, image_size)
+    draw = ImageDraw.Draw(img)
+    r = inst.glyph_radius
+    draw_body(draw, spec, inst)
     for k, name in enumerate(spec.keypoints):
         if inst.visible[k]:
             x, y = inst.points[k]

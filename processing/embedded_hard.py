@@ -230,15 +230,7 @@ def render_hard_instance(spec: emb.CategorySpec, inst: emb.Instance, rng: np.ran
     for spot in _distractor_positions(inst.points[:k], r, knobs.distractors, image_size, rng):
         glyph = glyphed[int(rng.integers(len(glyphed)))]
         draw_jittered_glyph(draw, _jittered_look(glyph, r, knobs, rng), float(spot[0]), float(spot[1]))
-    limb_w = max(2, int(round(0.6 * r)))
-    for poly in spec.polygons:
-        draw.polygon(emb._convex_hull(inst.points[list(poly)]), fill=spec.body_rgb)
-    for i, j in spec.limbs:
-        (x0, y0), (x1, y1) = inst.points[i], inst.points[j]
-        draw.line([float(x0), float(y0), float(x1), float(y1)], fill=spec.body_rgb, width=limb_w)
-    for x, y in inst.points:
-        h = limb_w / 2
-        draw.ellipse([x - h, y - h, x + h, y + h], fill=spec.body_rgb)
+    emb.draw_body(draw, spec, inst)
     for index, glyph in enumerate(plan.glyphs):
         if glyph is not None and inst.visible[index]:
             x, y = inst.points[index]
