@@ -353,6 +353,8 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
       support_pixel_values (N_s, 3, H, W), prompt_coords (P, S, 2), prompt_visible (P, S): S support
           shots for each of the P prompts. Either N_s == S (the same shots serve every prompt) or
           N_s == P * S (shot s of prompt p is image p * S + s). Invisible shots are left out of the mean.
+      support_index (P, S): the image of `support_pixel_values` that holds shot s of prompt p, for any
+          N_s (the training collator writes it, with each distinct support crop once).
       labels (B, L): answer token ids, -100 elsewhere; keypoint_labels (B, 2), keypoint_visible (B,):
           the target of each row's `<keypoint>` token.
     """
@@ -445,13 +447,23 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
         return self._encode_images(pixel_values)
 
     def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # identical crops are encoded once: the K keypoint rows of one instance share its query and
-        # support crops (instance-grouped training batches, the unshared decoding path)
+        """(N, 3, H, W) -> (N, h*w, D_v), identical crops encoded once (see `_encode_distinct_images`)."""
+        features, crop_of_image = self._encode_distinct_images(pixel_values)
+        return features if len(features) == len(pixel_values) else features[crop_of_image]
+
+    def _encode_distinct_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor]:
+        """(N, 3, H, W) -> features of the distinct crops (U, h*w, D_v) and each image's row among them (N,).
+
+        The K keypoint rows of one instance share its query and support crops (instance-grouped
+        training batches, the unshared decoding path): the tower runs once per distinct crop, and the
+        caller keeps working on the U distinct features (projector, prompt memory) instead of N copies.
+        """
         flat = pixel_values.flatten(1)  # (N, 3*H*W)
-        unique, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        unique, crop_of_image = torch.unique(flat, dim=0, return_inverse=True)
         if len(unique) < len(flat):
-            return self._encode_unique_images(unique.view(-1, *pixel_values.shape[1:]))[inverse]
-        return self._encode_unique_images(pixel_values)
+            return self._encode_unique_images(unique.view(-1, *pixel_values.shape[1:])), crop_of_image
+        # all distinct: keep the caller's order (no gather needed afterwards)
+        return self._encode_unique_images(pixel_values), torch.arange(len(flat), device=pixel_values.device)
 
     def _encode_unique_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
@@ -493,28 +505,22 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
         support_features: torch.Tensor,
         prompt_coords: torch.Tensor,
         prompt_visible: torch.Tensor | None = None,
+        support_index: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """Prompt tokens z_p from support features (N_s, h*w, D_v) and coordinates (P, S, 2).
 
+        `support_index` (P, S) names the row of `support_features` that holds shot s of prompt p (the
+        collator writes it: each distinct support crop once); without it N_s == S (the same shots serve
+        every prompt) or N_s == P * S (shot s of prompt p is image p * S + s).
         Returns (P, D_llm) under "mean" shot fusion and (P * S, D_llm) under "per_shot".
         """
-        if prompt_coords.ndim != 3 or prompt_coords.shape[-1] != 2:
-            raise ValueError(f"prompt_coords must have shape (P, S, 2), got {tuple(prompt_coords.shape)}")
-        if not torch.isfinite(prompt_coords).all():
-            raise ValueError("prompt_coords contain NaN or infinity")
-        if ((prompt_coords < 0) | (prompt_coords > 1)).any():
-            raise ValueError("prompt_coords must be normalized to [0, 1] in the support crop")
+        image_of_shot = self._support_image_of_shot(prompt_coords, support_features.shape[0], support_index)  # (P*S,)
         num_prompts, num_shots, _ = prompt_coords.shape
-        num_support = support_features.shape[0]
-        if num_support == num_shots:  # the same shots serve every prompt: prompt p, shot s reads image s
-            memory_index = torch.arange(num_shots, device=support_features.device).repeat(num_prompts)  # (P*S,)
-        elif num_support == num_prompts * num_shots:
-            memory_index = None
-        else:
-            raise ValueError(
-                f"{num_support} support images do not fit prompt_coords of shape {tuple(prompt_coords.shape)}: "
-                f"expected {num_shots} (shared shots) or {num_prompts * num_shots} (one set per prompt)"
-            )
+        memory_index = image_of_shot.to(support_features.device)
+        if len(memory_index) == support_features.shape[0] and torch.equal(
+            memory_index, torch.arange(len(memory_index), device=memory_index.device)
+        ):
+            memory_index = None  # one support image per prompt shot, in order: plain attention, no gather
         coords = prompt_coords.reshape(-1, 2).to(support_features.device)  # (P*S, 2)
         if self.prompt_feature_extractor is not None:
             prompt_embeds = self.prompt_encoder(coords).to(support_features.dtype)  # (P*S, D_v)
@@ -531,6 +537,39 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
         if (weights.sum(1) == 0).any():
             raise ValueError("every prompt needs at least one visible support shot (prompt_visible is all 0)")
         return (features * weights).sum(1) / weights.sum(1)
+
+    @staticmethod
+    def _support_image_of_shot(
+        prompt_coords: torch.Tensor, num_support: int, support_index: torch.LongTensor | None
+    ) -> torch.LongTensor:
+        """The support image (0..N_s-1) of every prompt shot, prompt-major: (P * S,). Checks prompt_coords too."""
+        if prompt_coords.ndim != 3 or prompt_coords.shape[-1] != 2:
+            raise ValueError(f"prompt_coords must have shape (P, S, 2), got {tuple(prompt_coords.shape)}")
+        if not torch.isfinite(prompt_coords).all():
+            raise ValueError("prompt_coords contain NaN or infinity")
+        if ((prompt_coords < 0) | (prompt_coords > 1)).any():
+            raise ValueError("prompt_coords must be normalized to [0, 1] in the support crop")
+        num_prompts, num_shots, _ = prompt_coords.shape
+        device = prompt_coords.device
+        if support_index is not None:
+            expected = (num_prompts, num_shots)
+            if not isinstance(support_index, torch.Tensor) or support_index.shape != expected or support_index.is_floating_point():
+                raise ValueError(f"support_index must be an integer tensor of shape {expected}: one support image per prompt shot")
+            image_of_shot = support_index.reshape(-1).to(device)
+            if len(image_of_shot) and (int(image_of_shot.min()) < 0 or int(image_of_shot.max()) >= num_support):
+                raise ValueError(f"support_index names images outside the {num_support} of support_pixel_values")
+            used = int(image_of_shot.unique().numel())
+            if used != num_support:  # an image no prompt reads: the support images and the prompts do not belong together
+                raise ValueError(f"support_index uses {used} of the {num_support} support images")
+            return image_of_shot
+        if num_support == num_shots:  # the same shots serve every prompt: prompt p, shot s reads image s
+            return torch.arange(num_shots, device=device).repeat(num_prompts)
+        if num_support == num_prompts * num_shots:
+            return torch.arange(num_support, device=device)
+        raise ValueError(
+            f"{num_support} support images do not fit prompt_coords of shape {tuple(prompt_coords.shape)}: "
+            f"expected {num_shots} (shared shots) or {num_prompts * num_shots} (one set per prompt)"
+        )
 
     def _scatter_placeholders(
         self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, features: torch.Tensor, name: str
@@ -551,8 +590,30 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
         prompt_coords: torch.Tensor | None = None,
         prompt_visible: torch.Tensor | None = None,
         query_index: torch.LongTensor | None = None,
+        support_index: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with `<image>` and `<kpt_prompt>` replaced by z_q and z_p: (B, L, D_llm)."""
+        return self._embed_multimodal_inputs(
+            input_ids, pixel_values, support_pixel_values, prompt_coords, prompt_visible, query_index, support_index
+        )[0]
+
+    def _embed_multimodal_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None,
+        support_pixel_values: torch.Tensor | None,
+        prompt_coords: torch.Tensor | None,
+        prompt_visible: torch.Tensor | None,
+        query_index: torch.LongTensor | None,
+        support_index: torch.LongTensor | None,
+    ) -> tuple[torch.Tensor, torch.LongTensor | None]:
+        """`embed_multimodal_inputs`, plus each row's query crop (B,) as 0..U-1 (equal ids: identical crops;
+        None unless every row holds one `<image>` block), which `shared_training_prefix` reuses.
+
+        Every distinct crop goes through the vision tower once, and its features stay single: the
+        projector runs once per distinct query crop and the prompt extractor projects each distinct
+        support crop's keys and values once (`memory_index`), however many rows share them.
+        """
         inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, D_llm)
         if (support_pixel_values is None) != (prompt_coords is None):
             raise ValueError("support_pixel_values and prompt_coords must be given together")
@@ -561,21 +622,31 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
             if pixels is not None:
                 self._check_pixel_values(pixels, field)
                 images.append(pixels)
-        # one vision-tower call for query and support crops alike
-        vision_features = self._encode_images(torch.cat(images)) if images else None  # checked above
+        if images:  # one vision-tower call for query and support crops alike (checked above)
+            features, crop_of_image = self._encode_distinct_images(torch.cat(images))  # (U, h*w, D_v), (N_q + N_s,)
         num_query = 0 if pixel_values is None else pixel_values.shape[0]
+        crop_of_row = None
         if pixel_values is not None:
-            image_features = self.multi_modal_projector(vision_features[:num_query])  # (N_q, h*w, D_llm)
+            block_crop = crop_of_image[:num_query]  # (N_q,) the distinct crop of each query image
             if query_index is not None:  # several instances, each crop shared by its K keypoint rows
                 self._check_query_index(query_index, input_ids.shape[0], num_query)
-                image_features = image_features[query_index.to(image_features.device)]  # (B, h*w, D_llm)
-            elif num_query == 1:  # one crop shared by every sequence (one instance, K keypoints)
-                image_features = image_features.expand(input_ids.shape[0], -1, -1)
+                block_crop = block_crop[query_index.to(block_crop.device)]  # (B,)
+            elif num_query == 1:  # one crop shared by every sequence (one instance, K keypoint sequences)
+                block_crop = block_crop.expand(input_ids.shape[0])
+            query_crops, block_crop = torch.unique(block_crop, return_inverse=True)  # (U_q,), (N_blocks,) in 0..U_q-1
+            image_features = self.multi_modal_projector(features[query_crops])[block_crop]  # (N_blocks, h*w, D_llm)
             inputs_embeds = self._scatter_placeholders(
                 inputs_embeds, input_ids, self.config.image_token_id, image_features.flatten(0, 1), "Image"
             )
+            if len(block_crop) == input_ids.shape[0]:
+                crop_of_row = block_crop
         if support_pixel_values is not None:
-            prompt_features = self.get_prompt_features(vision_features[num_query:], prompt_coords, prompt_visible)
+            image_of_shot = self._support_image_of_shot(prompt_coords, support_pixel_values.shape[0], support_index)
+            shot_crop = crop_of_image[num_query:][image_of_shot.to(crop_of_image.device)]  # (P*S,) distinct crop per shot
+            support_crops, memory_index = torch.unique(shot_crop, return_inverse=True)  # (U_s,), (P*S,)
+            prompt_features = self.get_prompt_features(
+                features[support_crops], prompt_coords, prompt_visible, support_index=memory_index.view(prompt_coords.shape[:2])
+            )
             inputs_embeds = self._scatter_placeholders(
                 inputs_embeds, input_ids, self.config.kpt_prompt_token_id, prompt_features, "Keypoint prompt"
             )
@@ -583,7 +654,7 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
             raise ValueError("input_ids contain <kpt_prompt> tokens but no support_pixel_values/prompt_coords")
         if pixel_values is None and (input_ids == self.config.image_token_id).any():
             raise ValueError("input_ids contain <image> tokens but no pixel_values")
-        return inputs_embeds
+        return inputs_embeds, crop_of_row
 
     @staticmethod
     def _check_query_index(query_index: torch.Tensor, batch: int, num_query: int) -> None:
@@ -650,6 +721,7 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         share_prefix: bool = False,
+        support_index: torch.LongTensor | None = None,
         **kwargs,
     ) -> KptLlmOutput:
         """`share_prefix=True` (training): rows with the same query crop compute their common start (system
@@ -662,12 +734,14 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
         if cache is None:  # the whole sequence is here (training, prefill): it must fit the LLM's positions
             self._check_sequence_inputs(input_ids, pixel_values, support_pixel_values, prompt_coords, attention_mask)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # Trainer's, for the LM loss only
-        inputs_embeds = self.embed_multimodal_inputs(
-            input_ids, pixel_values, support_pixel_values, prompt_coords, prompt_visible, query_index
+        inputs_embeds, crop_of_row = self._embed_multimodal_inputs(
+            input_ids, pixel_values, support_pixel_values, prompt_coords, prompt_visible, query_index, support_index
         )
-        prefix_length, crop_of_row = 0, None
+        prefix_length = 0
         if share_prefix and cache is None and position_ids is None and not logits_to_keep:
-            prefix_length, crop_of_row = self.shared_training_prefix(input_ids, attention_mask, pixel_values, labels)
+            prefix_length, crop_of_row = self.shared_training_prefix(
+                input_ids, attention_mask, pixel_values, labels, crop_of_row=crop_of_row
+            )
         if prefix_length:
             outputs = self._decode_with_shared_prefix(prefix_length, crop_of_row, inputs_embeds, attention_mask, **kwargs)
             input_ids = input_ids[:, prefix_length:]
@@ -716,6 +790,7 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
         attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         labels: torch.LongTensor | None,
+        crop_of_row: torch.LongTensor | None = None,
     ) -> tuple[int, torch.Tensor | None]:
         """Leading tokens of a training batch that rows with the same query crop can compute once.
 
@@ -725,11 +800,19 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
         0..U-1, or (0, None) (compute every row in full) when the batch does not have this form: ids
         differ before it, a row is padded or supervised there (the LM loss would miss the label at P), no
         two rows share a crop, or activations are recomputed (gradient checkpointing turns the KV cache off).
+
+        `crop_of_row` (B,): each row's query crop, equal ids for identical crops, as `forward` found them
+        while encoding (`pixel_values` may then hold each distinct crop once, with `query_index`); without
+        it `pixel_values` must hold one crop per row, compared here.
         """
         unshared = 0, None
-        if pixel_values is None or pixel_values.ndim != 4 or pixel_values.shape[0] != input_ids.shape[0]:
+        if pixel_values is None or pixel_values.ndim != 4:
             return unshared
-        if self.is_gradient_checkpointing or input_ids.shape[0] < 2:
+        if crop_of_row is None and pixel_values.shape[0] != input_ids.shape[0]:
+            return unshared
+        if crop_of_row is not None and crop_of_row.shape != input_ids.shape[:1]:
+            return unshared
+        if self._recomputes_activations() or input_ids.shape[0] < 2:
             return unshared
         is_image = input_ids[0] == self.config.image_token_id
         if not is_image.any():
@@ -741,10 +824,19 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
             return unshared
         if labels is not None and (labels[:, : prefix_length + 1] != -100).any():
             return unshared
-        crops, crop_of_row = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
-        if len(crops) == len(pixel_values):
+        if crop_of_row is None:
+            crops, crop_of_row = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
+        else:  # (B,) ids, made 0..U-1 for `_decode_with_shared_prefix`
+            crops, crop_of_row = torch.unique(crop_of_row, return_inverse=True)
+        if len(crops) == input_ids.shape[0]:
             return unshared
         return prefix_length, crop_of_row
+
+    def _recomputes_activations(self) -> bool:
+        # transformers 5.x renamed is_gradient_checkpointing (deprecated, warns) to is_activation_checkpointing
+        if hasattr(type(self), "is_activation_checkpointing"):
+            return bool(self.is_activation_checkpointing)
+        return bool(self.is_gradient_checkpointing)
 
     def _decode_with_shared_prefix(
         self,
@@ -786,7 +878,7 @@ class KptLlmForKeypointComprehension(KptLlmDecodingMixin, KptLlmPreTrainedModel,
         first_step = kwargs.get("is_first_iteration", False) or not kwargs.get("use_cache", True)
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         if not first_step:
-            for key in ("pixel_values", "support_pixel_values", "prompt_coords", "prompt_visible", "query_index"):
+            for key in ("pixel_values", "support_pixel_values", "prompt_coords", "prompt_visible", "query_index", "support_index"):
                 model_inputs.pop(key, None)
         return model_inputs
 

@@ -3,6 +3,10 @@
 `KeypointTrainingDataset` turns the rows of `episodes.make_training_samples` into processor outputs
 (one sequence each); `KptLlmDataCollator` pads them into a batch that `KptLlmForKeypointComprehension`
 takes as is. Use `TrainingArguments(remove_unused_columns=False)`: the inputs are not text columns.
+
+Rows of one instance (`group_by_instance`) repeat its query crop and support crop; the collator keeps
+each distinct crop once and writes which one every row and prompt shot reads (`query_index`,
+`support_index`), so that a batch carries, copies and checks U crops instead of one per row.
 """
 
 from dataclasses import dataclass
@@ -72,17 +76,40 @@ class KeypointTrainingDataset(TorchDataset):
         return dict(self.processor(**kwargs))
 
 
+def distinct_images(images: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor]:
+    """(N, 3, H, W) -> the distinct images in first-seen order (U, 3, H, W) and each image's row among them (N,).
+
+    Images are the same when their bytes are: the processor crops one instance the same way every
+    time, so the K rows of an instance hold byte-identical crops. A dict over the bytes is one pass
+    (no sort, unlike `torch.unique(dim=0)`), and first-seen order keeps the rows' order of instances.
+    """
+    row_of_bytes: dict[bytes, int] = {}
+    first: list[int] = []  # (U,) the first image of each distinct one
+    index: list[int] = []  # (N,)
+    flat = images.detach().cpu().contiguous().flatten(1).view(torch.uint8)  # (N, bytes per image)
+    for i, image in enumerate(flat):
+        row = row_of_bytes.setdefault(image.numpy().tobytes(), len(first))
+        if row == len(first):
+            first.append(i)
+        index.append(row)
+    return images[first], torch.tensor(index, dtype=torch.long)
+
+
 @dataclass
 class KptLlmDataCollator:
     """Pads sequences on the right and concatenates images, prompts and keypoint targets.
 
-    Every feature is one processor output for one sequence. Support crops are concatenated in
-    order, so that shot s of the p-th prompt is support image p * S + s (the model's layout);
-    sequences without a `<kpt_prompt>` (textual task) contribute none.
+    Every feature is one processor output for one sequence; sequences without a `<kpt_prompt>`
+    (textual task) contribute no support crops. With `dedupe_crops` (default), `pixel_values` holds
+    each distinct query crop once and `query_index` (B,) names each row's, and `support_pixel_values`
+    each distinct support crop once with `support_index` (P, S) naming shot s of the p-th prompt's
+    image: the same inputs as one crop per row (same loss and gradients), minus the copies. Without
+    it, one query crop per row, and shot s of the p-th prompt is support image p * S + s.
     """
 
     pad_token_id: int
     ignore_index: int = -100
+    dedupe_crops: bool = True
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         for i, feature in enumerate(features):
@@ -111,6 +138,11 @@ class KptLlmDataCollator:
                 raise ValueError(f"features mix different numbers of support shots {sorted(shots)}; batch them apart")
             for key in SUPPORT_KEYS:
                 batch[key] = torch.cat([f[key] for f in prompted])
+            if self.dedupe_crops:  # (P * S, ...) -> (U_s, ...), shot s of prompt p reads image support_index[p, s]
+                batch["support_pixel_values"], index = distinct_images(batch["support_pixel_values"])
+                batch["support_index"] = index.view(batch["prompt_coords"].shape[:2])
+        if self.dedupe_crops:  # (B, ...) -> (U_q, ...), row b reads crop query_index[b]
+            batch["pixel_values"], batch["query_index"] = distinct_images(batch["pixel_values"])
 
         if any("keypoint_labels" in f for f in features):
             batch["keypoint_labels"] = torch.cat([f.get("keypoint_labels", torch.zeros(1, 2)) for f in features])

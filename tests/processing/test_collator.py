@@ -95,3 +95,37 @@ def test_hf_trainer_runs_on_the_collated_dataset(training_set, tiny, tmp_path):
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(before, model.keypoint_head.mlp[0].weight)
+
+
+def test_distinct_images_keep_first_seen_order():
+    from processing.collator import distinct_images
+
+    a, b, c = torch.zeros(3, 2, 2), torch.ones(3, 2, 2), torch.full((3, 2, 2), 2.0)
+    distinct, index = distinct_images(torch.stack([b, b, a, b, c, a]))
+    assert torch.equal(distinct, torch.stack([b, a, c])) and index.tolist() == [0, 0, 1, 0, 2, 1]
+
+
+def test_collator_keeps_each_distinct_crop_once():
+    pixels = {name: torch.full((1, 3, 4, 4), float(i)) for i, name in enumerate("abc")}
+
+    def row(query, support=None):
+        feature = {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+                   "pixel_values": pixels[query].clone()}
+        if support is not None:
+            feature.update(support_pixel_values=pixels[support].clone(), prompt_coords=torch.zeros(1, 1, 2),
+                           prompt_visible=torch.ones(1, 1, dtype=torch.long))
+        return feature
+
+    # two instances' rows (a with support b, b with support c) and a textual row of a
+    features = [row("a", "b"), row("a", "b"), row("a"), row("b", "c"), row("b", "c")]
+    batch = KptLlmDataCollator(pad_token_id=0)(features)
+    assert torch.equal(batch["pixel_values"], torch.cat([pixels["a"], pixels["b"]]))
+    assert batch["query_index"].tolist() == [0, 0, 0, 1, 1]
+    assert torch.equal(batch["support_pixel_values"], torch.cat([pixels["b"], pixels["c"]]))
+    assert batch["support_index"].tolist() == [[0], [0], [1], [1]]  # one row per prompt, one column per shot
+    per_row = KptLlmDataCollator(pad_token_id=0, dedupe_crops=False)(features)
+    assert per_row["pixel_values"].shape[0] == 5 and per_row["support_pixel_values"].shape[0] == 4
+    assert "query_index" not in per_row and "support_index" not in per_row
+    # the indices rebuild the per-row layout
+    assert torch.equal(batch["pixel_values"][batch["query_index"]], per_row["pixel_values"])
+    assert torch.equal(batch["support_pixel_values"][batch["support_index"].view(-1)], per_row["support_pixel_values"])
