@@ -2,20 +2,27 @@
 """Training-step overhead of KptLLM against transformers' LLaVA with the same backbones.
 
 One training step = forward + backward + AdamW step on one batch. Both models are built in code
-from configs (no download) with the SAME CLIP vision config and the SAME Llama text config:
+from configs (no download) with the SAME CLIP vision config and the SAME Llama text config, and get
+the same rows: `instances` x `keypoints` visual-task rows, one processor call per (instance,
+keypoint) as `processing.collator.KeypointTrainingDataset` makes them, the rows of one instance
+with one support draw (train.py's default `--group_by_instance`).
 
-* ours:  `KptLlmForKeypointComprehension` on a visual-task batch from `KptLlmProcessor`
-         (`return_labels=True`, K keypoints of an instance -> K rows; several instances are
-         concatenated). Every row carries its query crop AND its support crop, so ours encodes
-         2 images per row and also runs the prompt encoder, the prompt feature extractor and the
-         keypoint head (loss = LM + 2 * L1).
-* LLaVA: `LlavaForConditionalGeneration` on the same token ids, except that `<kpt_prompt>` is
-         replaced by an ordinary text token (same sequence length, one multimodal input fewer per
-         row), the same query crops (1 image per row) and the same labels (loss = LM).
+* ours ("kptllm"): `KptLlmForKeypointComprehension` on that batch exactly as train.py trains it:
+         collated by `KptLlmDataCollator` (right padding; each distinct query crop and support crop
+         once, with `query_index` / `support_index`) and called with `share_prefix=True` (the rows of
+         one query crop compute the system prompt and image tokens once), as `KptLlmTrainer` does.
+         Loss = LM + 2 * L1; it also runs the prompt encoder, the prompt feature extractor and the
+         keypoint head.
+* ours, full rows ("kptllm_full_rows", skipped with --no-full-rows): the same model and batch with
+         `share_prefix=False`, i.e. the language model computes every row in full, as LLaVA does.
+* LLaVA: `LlavaForConditionalGeneration` on its natural inputs: the same token ids, except that
+         `<kpt_prompt>` is replaced by an ordinary text token (same sequence length, one multimodal
+         input fewer per row), one query crop per row (LLaVA fills every `<image>` block from its own
+         image and has no index to share one) and the same labels (loss = LM).
 
 Each model lives in its own fresh worker subprocess, so that peak-memory high-water marks do not
-mix; the parent drives both workers step by step, alternating (LLaVA, ours, ours, LLaVA, ...), so
-that load changes on a shared machine hit both models alike.
+mix; the parent drives the workers step by step, rotating the order (LLaVA, ours, ours-full | ours,
+ours-full, LLaVA | ...), so that load changes on a shared machine hit all alike.
 
     python benchmarks/train_step_overhead.py                     # --preset tiny
     python benchmarks/train_step_overhead.py --preset design     # DESIGN.md §6: 224/14, batch 8 x ~300 tokens
@@ -53,12 +60,18 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration  # noqa: E40
 
 from modeling_kptllm import KptLlmConfig, KptLlmForKeypointComprehension  # noqa: E402
 
-MODELS = ("llava", "kptllm")
+MODELS = ("llava", "kptllm", "kptllm_full_rows")
 LABELS = {
     "llava": "LlavaForConditionalGeneration (transformers)",
-    "kptllm": "KptLlmForKeypointComprehension (ours)",
+    "kptllm": "KptLlmForKeypointComprehension (ours, as train.py trains it)",
+    "kptllm_full_rows": "KptLlmForKeypointComprehension (ours, share_prefix=False)",
 }
-TARGET_OVERHEAD_PCT = 15.0
+# which model class and which inputs each measured row uses
+ARCHITECTURE = {"llava": "llava", "kptllm": "kptllm", "kptllm_full_rows": "kptllm"}
+# keyword arguments of the forward call besides the batch: KptLlmTrainer passes share_prefix=True under
+# train.py's default --group_by_instance
+FORWARD_OPTIONS = {"llava": {}, "kptllm": {"share_prefix": True}, "kptllm_full_rows": {"share_prefix": False}}
+TARGET_OVERHEAD_PCT = 10.0
 DEFAULT_OUTPUT = "benchmarks/results/train_step_overhead.json"
 # AdamW implementations: torch's default is the per-tensor loop on CPU (foreach on CUDA)
 ADAMW_IMPLEMENTATIONS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -128,19 +141,19 @@ def _left_pad_cat(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(t, (length - t.shape[1], 0), value=value) for t in tensors])
 
 
-def build_inputs(preset: Preset, seed: int = 0, share_crops: bool = False) -> dict:
+def build_inputs(preset: Preset, seed: int = 0) -> dict:
     """Configs and batches of both models.
 
-    By default every row of ours carries its own query and support crop (several instances per
-    batch). share_crops=True (one instance only) keeps the processor's native layout instead: the K
-    rows of the instance share ONE query and ONE support crop, which the model encodes once; LLaVA
-    still needs one image per row.
+    One processor call per (instance, keypoint) row, as `KeypointTrainingDataset` makes training rows,
+    the rows of one instance with the same query and support (one support draw per instance, train.py's
+    `--group_by_instance`), collated by train.py's `KptLlmDataCollator`: ours gets each distinct crop once
+    plus `query_index` / `support_index`; LLaVA gets the same ids, masks and labels and one query crop per
+    row.
 
     Returns {"kptllm": {"config", "batch"}, "llava": {"config", "batch"}, "info": {...}}.
     """
-    if share_crops and preset.instances != 1:
-        raise ValueError("share_crops needs instances == 1: the model shares crops only within one instance")
     from processing.builders import build_processor, template_corpus, tiny_config, train_byte_level_tokenizer
+    from processing.collator import KptLlmDataCollator
 
     tokenizer = train_byte_level_tokenizer(template_corpus(KEYPOINT_NAMES))
     config = tiny_config(
@@ -158,43 +171,20 @@ def build_inputs(preset: Preset, seed: int = 0, share_crops: bool = False) -> di
         raise AssertionError("processor and model disagree on the image token count")
 
     rng = np.random.default_rng(seed)
-    parts = []
+    features = []
     for _ in range(preset.instances):
         names = [KEYPOINT_NAMES[i] for i in rng.choice(len(KEYPOINT_NAMES), preset.keypoints, replace=False)]
         query, query_box, query_kpts = _random_instance(rng, preset.keypoints)
         support, support_box, support_kpts = _random_instance(rng, preset.keypoints)
-        enc = processor(
-            query=query,
-            support=support,
-            kpts=support_kpts,
-            task="visual",
-            kpt_names=names,
-            query_bbox=query_box,
-            support_bbox=support_box,
-            query_kpts=query_kpts,
-            return_labels=True,
-        )
-        k = enc["input_ids"].shape[0]
-        if not share_crops:
-            # one query crop and one support crop per row (the per-row layout of a collated training
-            # batch), so that several instances can share a batch; LLaVA gets the same query crops
-            enc["pixel_values"] = enc["pixel_values"].expand(k, -1, -1, -1).contiguous()
-            shots = enc["prompt_coords"].shape[1]
-            enc["support_pixel_values"] = enc["support_pixel_values"].repeat(k, 1, 1, 1)  # (K * S, ...)
-            assert enc["support_pixel_values"].shape[0] == k * shots
-        parts.append(enc)
-
-    pad_id = tokenizer.pad_token_id
-    batch = {
-        "input_ids": _left_pad_cat([p["input_ids"] for p in parts], pad_id),
-        "attention_mask": _left_pad_cat([p["attention_mask"] for p in parts], 0),
-        "labels": _left_pad_cat([p["labels"] for p in parts], -100),
-    }
-    for key in ("pixel_values", "support_pixel_values", "prompt_coords", "prompt_visible", "keypoint_labels", "keypoint_visible"):
-        batch[key] = torch.cat([p[key] for p in parts])
+        for k, name in enumerate(names):  # one training row per keypoint, as KeypointTrainingDataset builds them
+            features.append(dict(processor(
+                query=query, support=support, kpts=[support_kpts[k]], task="visual", kpt_names=[name],
+                query_bbox=query_box, support_bbox=support_box, query_kpts=[query_kpts[k]], return_labels=True,
+            )))  # fmt: skip
+    batch = KptLlmDataCollator(pad_token_id=tokenizer.pad_token_id)(features)  # train.py's collator
 
     # LLaVA: same ids with <kpt_prompt> replaced by an ordinary text token ("\n", which already
-    # separates the prompt's parts), same query crops, same LM labels
+    # separates the prompt's parts), same masks and LM labels, one query crop per row
     filler_id = tokenizer("\n", add_special_tokens=False)["input_ids"]
     if len(filler_id) != 1:
         raise AssertionError(f"'\\n' is not a single token: {filler_id}")
@@ -205,8 +195,8 @@ def build_inputs(preset: Preset, seed: int = 0, share_crops: bool = False) -> di
         "input_ids": llava_ids,
         "attention_mask": batch["attention_mask"].clone(),
         "labels": batch["labels"].clone(),
-        # LLaVA needs one image per row
-        "pixel_values": batch["pixel_values"].expand(len(llava_ids), -1, -1, -1).contiguous(),
+        # LLaVA fills each row's <image> block from its own image
+        "pixel_values": batch["pixel_values"][batch["query_index"]].contiguous(),
     }
     llava_config = LlavaConfig(
         vision_config=config.vision_config.to_dict(),
@@ -220,18 +210,32 @@ def build_inputs(preset: Preset, seed: int = 0, share_crops: bool = False) -> di
         tie_word_embeddings=config.tie_word_embeddings,
     )
     rows, length = batch["input_ids"].shape
+    query_crops = batch["pixel_values"].shape[0]
+    # the shared prefix of train.py's step: every row's ids up to its last <image> token (system prompt, image)
+    prefix = int((batch["input_ids"][0] == config.image_token_id).nonzero().max()) + 1
     info = {
         "batch_rows": rows,
         "sequence_length": length,
         "padding_tokens": int((batch["attention_mask"] == 0).sum()),
+        "padding_side": "right (KptLlmDataCollator)",
         "image_tokens_per_row": config.image_seq_length,
         "kpt_prompt_tokens_per_row": int((batch["input_ids"] == config.kpt_prompt_token_id).sum()) // rows,
         "kpt_prompt_replacement_in_llava": tokenizer.convert_ids_to_tokens(filler_id),
-        "share_crops": share_crops,
+        "inputs": {
+            "kptllm": f"KptLlmDataCollator batch: pixel_values {tuple(batch['pixel_values'].shape)} + query_index, "
+            f"support_pixel_values {tuple(batch['support_pixel_values'].shape)} + support_index; share_prefix=True",
+            "kptllm_full_rows": "the same batch, share_prefix=False",
+            "llava": f"pixel_values {tuple(llava_batch['pixel_values'].shape)} (one query crop per row)",
+        },
         "images_encoded": {
-            # ours encodes identical crops once (the K rows of one instance share its query and support crops)
             "kptllm": len(torch.unique(torch.cat([batch["pixel_values"], batch["support_pixel_values"]]).flatten(1), dim=0)),
             "llava": rows,
+        },
+        "shared_prefix_tokens": prefix,
+        "llm_tokens_per_step": {  # positions the language model computes (padding included)
+            "kptllm": query_crops * prefix + rows * (length - prefix),
+            "kptllm_full_rows": rows * length,
+            "llava": rows * length,
         },
         "vocab_size": len(tokenizer),
     }
@@ -243,6 +247,7 @@ def build_inputs(preset: Preset, seed: int = 0, share_crops: bool = False) -> di
 
 
 def build_model(name: str, config) -> torch.nn.Module:
+    name = ARCHITECTURE.get(name, name)
     if name == "kptllm":
         return KptLlmForKeypointComprehension(config)
     if name == "llava":
@@ -291,7 +296,7 @@ def _fingerprints(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
 
 
 def _module_groups(name: str) -> tuple[str, ...]:
-    if name == "kptllm":
+    if ARCHITECTURE[name] == "kptllm":
         return ("vision_tower", "multi_modal_projector", "prompt_encoder", "prompt_feature_extractor",
                 "prompt_projector", "language_model", "keypoint_head")  # fmt: skip
     return ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
@@ -336,7 +341,7 @@ class TrainStepRunner:
         self._sync()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.model(**self.batch).loss
+        loss = self.model(**self.batch, **FORWARD_OPTIONS.get(self.name, {})).loss
         loss.backward()
         self.optimizer.step()
         loss_value = loss.item()  # a sync point too
@@ -364,6 +369,7 @@ class TrainStepRunner:
             "label": LABELS[self.name],
             "device": str(self.device),
             "torch_threads": torch.get_num_threads(),
+            "forward_options": FORWARD_OPTIONS.get(self.name, {}),
             "attn_implementation": self.model.config._attn_implementation,
             "adamw": self.adamw,
             "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -406,9 +412,10 @@ PROTOCOL_PREFIX = "@@bench "
 def _worker(args: argparse.Namespace) -> None:
     """A measurement subprocess: builds one runner, then obeys `step` / `finish` lines on stdin."""
     workdir = Path(args.workdir)
-    config_class = KptLlmConfig if args.worker == "kptllm" else LlavaConfig
-    config = config_class.from_pretrained(workdir / args.worker)
-    batch = torch.load(workdir / f"{args.worker}_batch.pt", weights_only=True)
+    architecture = ARCHITECTURE[args.worker]
+    config_class = KptLlmConfig if architecture == "kptllm" else LlavaConfig
+    config = config_class.from_pretrained(workdir / architecture)
+    batch = torch.load(workdir / f"{architecture}_batch.pt", weights_only=True)
 
     def reply(payload) -> None:
         sys.stdout.write(PROTOCOL_PREFIX + json.dumps(payload) + "\n")
@@ -492,65 +499,8 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def run_benchmark(
-    preset: str | Preset = "tiny",
-    warmup: int = 3,
-    steps: int = 10,
-    isolate: bool = True,
-    device: str = "auto",
-    lr: float = 1e-4,
-    seed: int = 0,
-    threads: int | None = None,
-    share_crops: bool = False,
-    adamw: str = "default",
-) -> dict:
-    """Measures both models on identical inputs and returns their rows, the overhead and metadata.
-
-    The two models' steps are interleaved (LLaVA, ours, ours, LLaVA, ...): on a shared machine a
-    load change then hits both alike, and each timed step of ours has a LLaVA step next to it
-    (`overhead["paired_step_time_pct_median"]`). isolate=True keeps each model in its own worker subprocess — the only way to
-    get a separate peak memory per model; isolate=False runs both in this process (faster to start;
-    peak memory is then None because both models would share one high-water mark).
-    threads=None leaves torch's default intra-op thread count alone. share_crops: see `build_inputs`.
-    adamw: "default" (torch's choice: a per-tensor loop on CPU), "foreach" or "fused", for both models.
-    """
-    if threads is not None:
-        torch.set_num_threads(threads)
-    preset_name = preset if isinstance(preset, str) else "custom"
-    spec = PRESETS[preset] if isinstance(preset, str) else preset
-    device = resolve_device(device)
-    inputs = build_inputs(spec, seed=seed, share_crops=share_crops)
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    runners: dict = {}
-    with tempfile.TemporaryDirectory(prefix="kptllm_bench_") as tmp:
-        workdir = Path(tmp)
-        try:
-            for name in MODELS:
-                if isolate:
-                    inputs[name]["config"].save_pretrained(workdir / name)
-                    torch.save(inputs[name]["batch"], workdir / f"{name}_batch.pt")
-                    runners[name] = WorkerClient(name, workdir, lr, device, seed, threads, adamw)
-                else:
-                    runners[name] = TrainStepRunner(
-                        name, inputs[name]["config"], inputs[name]["batch"], lr, device, seed, adamw
-                    )
-            for runner in runners.values():  # workers start side by side; timing starts once both are ready
-                if isinstance(runner, WorkerClient):
-                    runner.wait_ready()
-            for i in range(warmup + steps):
-                for name in MODELS if i % 2 == 0 else MODELS[::-1]:
-                    runners[name].step()
-            results = {name: runners.pop(name).finish(warmup) for name in MODELS}
-        finally:
-            for runner in runners.values():
-                if isinstance(runner, WorkerClient):
-                    runner.close()
-    if not isolate:  # one process: both models share one high-water mark (RSS and CUDA alike)
-        for row in results.values():
-            row["peak_memory_method"] = "n/a: both models in one process (isolate=False)"
-            row["peak_memory_mib"] = row["peak_memory_delta_mib"] = None
-
-    ours, ref = results["kptllm"], results["llava"]
+def _overhead(ours: dict, ref: dict) -> dict:
+    """Step time (and peak memory) of `ours` relative to `ref`, in %: medians, step-paired ratios, best steps."""
     paired = [a / b for a, b in zip(ours["step_times_s"], ref["step_times_s"])]
     pq1, pmedian, pq3 = _quartiles(paired)
 
@@ -568,7 +518,73 @@ def run_benchmark(
         "target_pct": TARGET_OVERHEAD_PCT,
     }
     overhead["within_target"] = overhead["step_time_pct"] <= TARGET_OVERHEAD_PCT
-    return {
+    return overhead
+
+
+def run_benchmark(
+    preset: str | Preset = "tiny",
+    warmup: int = 3,
+    steps: int = 10,
+    isolate: bool = True,
+    device: str = "auto",
+    lr: float = 1e-4,
+    seed: int = 0,
+    threads: int | None = None,
+    adamw: str = "default",
+    full_rows: bool = True,
+) -> dict:
+    """Measures the models on identical rows and returns their rows, the overheads and metadata.
+
+    The models' steps are interleaved, the order rotating each round (LLaVA, ours, ours-full | ours,
+    ours-full, LLaVA | ...): on a shared machine a load change then hits all alike, and each timed
+    step of ours has a LLaVA step next to it (`overhead["paired_step_time_pct_median"]`).
+    isolate=True keeps each model in its own worker subprocess — the only way to get a separate peak
+    memory per model; isolate=False runs them in this process (faster to start; peak memory is then
+    None because the models would share one high-water mark). threads=None leaves torch's default
+    intra-op thread count alone. adamw: "default" (torch's choice: a per-tensor loop on CPU),
+    "foreach" or "fused", for every model. full_rows=False skips ours without the shared prefix.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    preset_name = preset if isinstance(preset, str) else "custom"
+    spec = PRESETS[preset] if isinstance(preset, str) else preset
+    device = resolve_device(device)
+    inputs = build_inputs(spec, seed=seed)
+    models = MODELS if full_rows else MODELS[:2]
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    runners: dict = {}
+    with tempfile.TemporaryDirectory(prefix="kptllm_bench_") as tmp:
+        workdir = Path(tmp)
+        try:
+            for name in models:
+                architecture = ARCHITECTURE[name]
+                config, batch = inputs[architecture]["config"], inputs[architecture]["batch"]
+                if isolate:
+                    if not (workdir / architecture).exists():
+                        config.save_pretrained(workdir / architecture)
+                        torch.save(batch, workdir / f"{architecture}_batch.pt")
+                    runners[name] = WorkerClient(name, workdir, lr, device, seed, threads, adamw)
+                else:
+                    runners[name] = TrainStepRunner(name, config, batch, lr, device, seed, adamw)
+            for runner in runners.values():  # workers start side by side; timing starts once all are ready
+                if isinstance(runner, WorkerClient):
+                    runner.wait_ready()
+            for i in range(warmup + steps):
+                shift = i % len(models)
+                for name in models[shift:] + models[:shift]:
+                    runners[name].step()
+            results = {name: runners.pop(name).finish(warmup) for name in models}
+        finally:
+            for runner in runners.values():
+                if isinstance(runner, WorkerClient):
+                    runner.close()
+    if not isolate:  # one process: the models share one high-water mark (RSS and CUDA alike)
+        for row in results.values():
+            row["peak_memory_method"] = "n/a: all models in one process (isolate=False)"
+            row["peak_memory_mib"] = row["peak_memory_delta_mib"] = None
+
+    ref = results["llava"]
+    result = {
         "benchmark": "train_step_overhead",
         "preset": preset_name,
         "preset_spec": asdict(spec),
@@ -582,29 +598,30 @@ def run_benchmark(
             "transformers": __import__("transformers").__version__,
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "load_average_1m_before": load_before,
             "load_average_1m_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "platform": platform.platform(),
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         },
-        "rows": [ref, ours],
-        "overhead": overhead,
+        "rows": [results[name] for name in models],
+        # the headline: ours as train.py trains it (shared prefix) against LLaVA
+        "overhead": _overhead(results["kptllm"], ref),
         "notes": [
-            f"one step = zero_grad + forward + backward + AdamW ({adamw}) step on the same batch; fp32; steps of "
-            "the two models interleaved",
+            f"one step = zero_grad + forward + backward + AdamW ({adamw}) step on the same rows; fp32; steps of "
+            "the models interleaved",
             "LLaVA sees the same token ids with <kpt_prompt> replaced by an ordinary text token "
             f"({inputs['info']['kpt_prompt_replacement_in_llava']!r}): same sequence length, one multimodal "
-            "input fewer per row",
-            (
-                "share_crops: ours encodes the instance's query and support crop once for all its rows; LLaVA "
-                "encodes one query crop per row"
-                if share_crops
-                else "ours encodes one support crop per row on top of the query crop"
-            )
-            + "; ours also runs the prompt encoder, prompt feature extractor and keypoint head "
+            "input fewer per row, and one query crop per row (its natural input)",
+            "ours gets train.py's batch (KptLlmDataCollator: each distinct query and support crop once, "
+            "query_index / support_index) and share_prefix=True as KptLlmTrainer passes it; it encodes each "
+            "distinct crop once, runs the prompt encoder, prompt feature extractor and keypoint head "
             "(loss = LM + 2 * L1); LLaVA's loss is LM only",
         ],
     }
+    if full_rows:  # ours with the language model over every row in full, as LLaVA computes it
+        result["overhead_full_rows"] = _overhead(results["kptllm_full_rows"], ref)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,11 +645,11 @@ def profile_overhead(
 ) -> dict:
     """Component timings (forward + backward, median of `reps`) and a torch.profiler op diff.
 
-    Components are timed on the real batch, each on its own (`.sum().backward()` or its loss as
-    the backward seed), in one process: ours' vision tower on query crops only vs query + support
-    crops, the pixel validation, the prompt path (prompt encoder + extractor + projector), the
-    keypoint head + L1, the language model + LM loss, the AdamW step of each model, and the full
-    steps (timed one model after the other: the interleaved benchmark is the better overhead figure).
+    Components are timed on the real batches, each on its own (`.sum().backward()` or its loss as
+    the backward seed), in one process: the vision tower on LLaVA's crops (one per row) and on ours'
+    distinct crops, the prompt path (prompt encoder + extractor + projector), the keypoint head + L1,
+    the language model + LM loss over full rows, the AdamW step of each model, and the full steps
+    (timed one model after the other: the interleaved benchmark is the better overhead figure).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -643,7 +660,9 @@ def profile_overhead(
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     inputs = build_inputs(spec, seed=seed)
     runners = {
-        name: TrainStepRunner(name, inputs[name]["config"], inputs[name]["batch"], device=device, seed=seed)
+        name: TrainStepRunner(
+            name, inputs[ARCHITECTURE[name]]["config"], inputs[ARCHITECTURE[name]]["batch"], device=device, seed=seed
+        )
         for name in MODELS
     }
     ours = runners["kptllm"].model
@@ -658,33 +677,30 @@ def profile_overhead(
 
         return run
 
-    query, support = batch["pixel_values"], batch["support_pixel_values"]
-    timings["vision tower, query crops only (as LLaVA)"] = _median_time(
-        backward(lambda: ours.get_vision_features(query).sum()), reps, sync=sync
+    query, support = batch["pixel_values"], batch["support_pixel_values"]  # distinct crops
+    per_row = runners["llava"].batch["pixel_values"]
+    timings[f"vision tower, {len(per_row)} query crops, one per row (as LLaVA)"] = _median_time(
+        backward(lambda: ours.get_vision_features(per_row).sum()), reps, sync=sync
     )
-    timings["vision tower, query + support crops (ours)"] = _median_time(
-        backward(lambda: ours.get_vision_features(torch.cat([query, support])).sum()), reps, sync=sync
+    both = torch.cat([query, support])
+    timings[f"vision tower, {len(both)} distinct query + support crops (ours)"] = _median_time(
+        backward(lambda: ours.get_vision_features(both).sum()), reps, sync=sync
     )
-
-
-    def pixel_checks():  # what embed_multimodal_inputs does before the tower: 2 checks, cat, 1 more check
-        ours._check_pixel_values(query, "pixel_values")
-        ours._check_pixel_values(support, "support_pixel_values")
-        ours._check_pixel_values(torch.cat([query, support]), "pixel_values")
-
-    timings["pixel checks (isfinite x3) + cat, forward only (ours)"] = _median_time(pixel_checks, reps, sync=sync)
     with torch.no_grad():
         support_features = ours.get_vision_features(support)
     support_features.requires_grad_(True)
     timings["prompt path: encoder + extractor + projector"] = _median_time(
-        backward(lambda: ours.get_prompt_features(support_features, batch["prompt_coords"], batch["prompt_visible"]).sum()),
+        backward(lambda: ours.get_prompt_features(
+            support_features, batch["prompt_coords"], batch["prompt_visible"], support_index=batch["support_index"]
+        ).sum()),
         reps,
         sync=sync,
-    )
+    )  # fmt: skip
     with torch.no_grad():
         embeds = ours.embed_multimodal_inputs(
-            batch["input_ids"], query, support, batch["prompt_coords"], batch["prompt_visible"]
-        )
+            batch["input_ids"], query, support, batch["prompt_coords"], batch["prompt_visible"],
+            query_index=batch["query_index"], support_index=batch["support_index"],
+        )  # fmt: skip
         hidden = ours.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
     embeds.requires_grad_(True)
     hidden.requires_grad_(True)
@@ -700,9 +716,13 @@ def profile_overhead(
         logits = ours.get_output_embeddings()(out.last_hidden_state)
         return ours.loss_function(logits=logits, labels=batch["labels"], vocab_size=ours.config.text_config.vocab_size)
 
-    timings["language model + lm_head + LM loss (shared)"] = _median_time(backward(language_model_loss), reps, sync=sync)
+    timings["language model + lm_head + LM loss, full rows (as LLaVA)"] = _median_time(
+        backward(language_model_loss), reps, sync=sync
+    )
 
     for name, runner in runners.items():
+        if name == "kptllm_full_rows":
+            continue  # the same optimizer as ours
         runner.step()  # leaves gradients for the optimizer-only timing
         timings[f"AdamW step only, {name} ({len(runner.fingerprints)} tensors)"] = _median_time(
             runner.optimizer.step, reps, sync=sync
@@ -710,10 +730,11 @@ def profile_overhead(
     for name, runner in runners.items():
         timings[f"full training step, {name}"] = _median_time(runner.step, reps, sync=sync)
 
-    # op-level diff: self CPU (CUDA: device) time per op over `reps` steps, ours minus LLaVA
+    # op-level diff: self CPU (CUDA: device) time per op over `reps` steps, ours (as train.py) minus LLaVA
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     op_totals = {}
-    for name, runner in runners.items():
+    for name in ("kptllm", "llava"):
+        runner = runners[name]
         with profile(activities=activities) as prof:
             for _ in range(reps):
                 runner.step()
@@ -786,10 +807,15 @@ def format_markdown(result: dict) -> str:
         f"({result['rows'][-1]['torch_threads']} threads)",
         "",
         f"batch {info['batch_rows']} rows × {info['sequence_length']} tokens "
-        f"({info['image_tokens_per_row']} image tokens/row); images encoded per step: "
+        f"({info['image_tokens_per_row']} image tokens/row, right padding); images encoded per step: "
         f"ours {info['images_encoded']['kptllm']}, LLaVA {info['images_encoded']['llava']}; "
+        f"LLM positions per step: ours {info['llm_tokens_per_step']['kptllm']:,} (shared prefix of "
+        f"{info['shared_prefix_tokens']} tokens once per query crop), full rows and LLaVA "
+        f"{info['llm_tokens_per_step']['llava']:,}; "
         f"{result['rows'][0]['warmup_steps']} warm-up + {result['rows'][0]['timed_steps']} timed steps each; "
         f"AdamW {result['adamw']}",
+        "",
+        "inputs: " + "; ".join(f"{name}: {given}" for name, given in info["inputs"].items()),
         "",
         f"| model | params | samples/s | step median (s) | IQR (s) | {mem_col} | loss first → last |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -805,18 +831,30 @@ def format_markdown(result: dict) -> str:
     mem = "" if ov["peak_memory_pct"] is None else f"; peak memory {ov['peak_memory_pct']:+.1f}%"
     mem_delta = "" if ov["peak_memory_delta_pct"] is None else f" (Δ {ov['peak_memory_delta_pct']:+.1f}%)"
     lo, hi = ov["paired_step_time_pct_iqr"]
+    ref_rate, ours_rate = result["rows"][0]["samples_per_s"], result["rows"][1]["samples_per_s"]
     lines += [
         "",
         f"**KptLLM overhead: {ov['step_time_pct']:+.1f}% step time "
-        f"({ov['samples_per_s_pct']:.1f}% fewer samples/s){mem}{mem_delta}** — "
+        f"({ours_rate / ref_rate:.2f}x LLaVA's samples/s){mem}{mem_delta}** — "
         f"{verdict} the {ov['target_pct']:.0f}% target. "
         f"Cross-checks: step-paired median {ov['paired_step_time_pct_median']:+.1f}% "
         f"(IQR {lo:+.1f}% … {hi:+.1f}%), best step {ov['min_step_time_pct']:+.1f}%.",
         "",
+    ]
+    if "overhead_full_rows" in result:
+        full = result["overhead_full_rows"]
+        lo, hi = full["paired_step_time_pct_iqr"]
+        lines += [
+            f"Ours with `share_prefix=False` (the LLM over every row in full, as LLaVA): "
+            f"{full['step_time_pct']:+.1f}% step time; step-paired median {full['paired_step_time_pct_median']:+.1f}% "
+            f"(IQR {lo:+.1f}% … {hi:+.1f}%), best step {full['min_step_time_pct']:+.1f}%.",
+            "",
+        ]
+    lines += [
         f"Note: LLaVA gets the same ids with `<kpt_prompt>` replaced by the text token "
         f"`{info['kpt_prompt_replacement_in_llava']}` (same length, 1 multimodal input fewer per row).",
     ]
-    noisy = [r["label"].split()[0] for r in result["rows"] if r["step_time_iqr_s"] > 0.25 * r["step_time_median_s"]]
+    noisy = [r["model"] for r in result["rows"] if r["step_time_iqr_s"] > 0.25 * r["step_time_median_s"]]
     if noisy:
         env = result["environment"]
         lines += [
@@ -843,9 +881,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--instances", type=int, help="override the preset's instances per batch")
     parser.add_argument("--keypoints", type=int, help="override the preset's keypoints (rows) per instance")
     parser.add_argument(
-        "--share-crops",
-        action="store_true",
-        help="one instance whose K rows share one query + one support crop in ours (the processor's native layout)",
+        "--no-full-rows", action="store_true", help="skip ours with share_prefix=False (the LLM over every row in full)"
     )
     parser.add_argument("--profile", action="store_true", help="also break our overhead down (components, ops)")
     parser.add_argument(
@@ -877,7 +913,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         lr=args.lr,
         seed=args.seed,
         threads=args.threads,
-        share_crops=args.share_crops,
+        full_rows=not args.no_full_rows,
         adamw=args.adamw,
     )
     result["preset"] = args.preset + (f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
