@@ -16,16 +16,13 @@ which sit at the mean predictor's level in every run); then the mean, min, max a
 
 import argparse
 import json
-import os
-import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from benchmarks.run_records import ROOT, machine, run_recording_wall_time, write_json_and_markdown
+
 RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def break_away_step(log_path: Path, fraction: float = 0.8) -> int | None:
@@ -45,14 +42,8 @@ def break_away_step(log_path: Path, fraction: float = 0.8) -> int | None:
 def run_seed(seed: int, out_dir: Path, extra: list[str]) -> dict:
     report_path = out_dir / "results.json"
     if not report_path.is_file():
-        start = time.time()
         command = [sys.executable, "train.py", "--seed", str(seed), "--output_dir", str(out_dir), "--disable_tqdm", "true", *extra]
-        print("$", shlex.join(command), flush=True)
-        subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        wall = time.time() - start
-        report = json.loads(report_path.read_text())
-        report["wall_time_s"] = wall
-        report_path.write_text(json.dumps(report, indent=2))
+        run_recording_wall_time(command, report_path)
     report = json.loads(report_path.read_text())
     if "pairs" not in report:
         raise SystemExit(f"{report_path} was scored before the official CAPE protocol (no 'pairs'): pass another --runs_dir")
@@ -117,17 +108,14 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(runs)
     result = {
         "command": "python train.py --seed N" + (f" {args.extra}" if args.extra else ""),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(),
         "runs": runs,
         "summary": summary,
     }
     table = markdown(runs, summary)
     print(table)
     if args.output:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2))
-        output.with_suffix(".md").write_text(table)
+        write_json_and_markdown(Path(args.output), result, table)
     return result
 
 

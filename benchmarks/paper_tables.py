@@ -20,16 +20,14 @@ MP-100 / AP-10K); the orderings are the comparable part.
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.run_records import ROOT, machine, run_recording_wall_time, write_json_and_markdown
+
 RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("1", "2", "3", "4", "5", "6", "7")
 SPLITS = (1, 2, 3, 4, 5)
 # Table 3's first column; the embedded benchmark has a human_body super-category (one run, not four: time)
@@ -143,13 +141,7 @@ def execute(run: Run, runs_dir: Path, extra: list[str]) -> None:
     if report_path.is_file():
         print(f"# {run.name}: done, read back from {report_path}", flush=True)
         return
-    argv = command(run, runs_dir, extra)
-    print("$", shlex.join(argv), flush=True)
-    start = time.time()
-    subprocess.run(argv, cwd=ROOT, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    report = json.loads(report_path.read_text())
-    report["wall_time_s"] = time.time() - start
-    report_path.write_text(json.dumps(report, indent=2))
+    run_recording_wall_time(command(run, runs_dir, extra), report_path)
 
 
 def measured_training_time(timing_from: Path) -> float | None:
@@ -304,7 +296,7 @@ def report(runs_dir: Path, extra: str) -> tuple[dict, str]:
                   if (data := _read(ROOT / runs_dir / run.name / "results.json")) and "wall_time_s" in data}
     result = {
         "command": "python -m benchmarks.paper_tables" + (f" --extra {shlex.quote(extra)}" if extra else ""),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(),
         "runs": {run.name: {"command": shlex.join(command(run, runs_dir, shlex.split(extra))[1:]),
                             "tables": list(run.tables), "wall_time_s": wall_times.get(run.name)} for run in all_runs()},
         "cells": [{"table": table, "row": row, "column": column, "paper": PAPER[(table, row, column)],
@@ -337,10 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
         execute(run, runs_dir, extra)
     result, table = report(runs_dir, args.extra)
     print(table)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
-    output.with_suffix(".md").write_text(table)
+    write_json_and_markdown(Path(args.output), result, table)
     return result
 
 
